@@ -1,0 +1,237 @@
+"""The op-level tracer: run a callable, get an op table.
+
+:func:`trace` runs any PyTorch callable under a ``TorchDispatchMode`` and returns an *op
+table*: a pandas DataFrame with one row per aten op executed (forward and, if the callable
+runs it, backward). It works on ``meta`` tensors (full-scale models without weights), CPU and
+CUDA alike, because it reads only shapes, strides and dtypes.
+
+Columns
+-------
+``op``             aten op, e.g. ``aten.mm.default``
+``module``         path of the innermost ``nn.Module`` that issued it, as in
+                   ``model.named_modules()`` (e.g. ``model.layers.3.self_attn.o_proj``);
+                   ``<root>`` for ops of the root module itself, ``<global>`` outside any module
+``module_class``   class name of that module
+``phase``          the label the caller gave (``prefill``, ``decode``, ``unet_step``...)
+``pass``           ``forward`` or ``backward``
+``op_class``       contraction / normalization / element-wise / data movement / view / other
+``input_shapes``   tuple of shapes of the tensor inputs; ``output_shapes`` likewise
+``dtype``          dtype of the first tensor input (the compute dtype), e.g. ``bfloat16``
+``flops``, ``macs``, ``bytes_read``, ``bytes_written``  see :mod:`cohw_utils.costs`
+``intensity``      flops / (bytes_read + bytes_written), NaN where no bytes move
+``costed``         False where no cost rule applied (costs are then NaN, never zero)
+
+The counting semantics live in :mod:`cohw_utils.costs`. Two tracer-level choices:
+
+* **Module attribution** uses torch's ``ModuleTracker`` (forward hooks, and multi-grad hooks
+  for backward), so backward ops are attributed to the module whose forward created them.
+* **Attention on ``meta``**: with no real kernel to pick, torch runs the *math* path of
+  ``scaled_dot_product_attention`` on ``meta`` (explicit QK^T, mask, softmax, PV, with the
+  T x T score matrix in memory). A GPU or CPU run uses a fused kernel instead. So that a
+  full-scale analysis on ``meta`` shows what a fused (flash) kernel does, the tracer records
+  each such call as one ``aten.scaled_dot_product_attention`` row reading Q, K, V (and the
+  mask) once and writing the output once, with torch's attention FLOP formula. Pass
+  ``fused_attention=False`` to see the math path. When autograd needs the attention graph
+  (inputs require grad), the math path always runs.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import sdpa_flop_count
+from torch.utils.module_tracker import ModuleTracker
+
+from . import costs
+from .errors import UncostedOpError
+
+COLUMNS = [
+    "op", "module", "module_class", "phase", "pass", "op_class", "input_shapes",
+    "output_shapes", "dtype", "flops", "macs", "bytes_read", "bytes_written", "intensity",
+    "costed",
+]
+_SDPA_ROW_OP = "aten.scaled_dot_product_attention"
+
+# Metadata queries that are not computation (FlopCounterMode skips the same set).
+_SKIP = {
+    getattr(torch.ops.aten, n).default
+    for n in ("is_contiguous", "size", "sym_size", "stride", "sym_stride", "storage_offset",
+              "sym_storage_offset", "numel", "sym_numel", "dim", "is_strides_like_format",
+              "is_non_overlapping_and_dense", "sym_is_contiguous")
+    if hasattr(torch.ops.aten, n)
+}
+
+
+class _PathTracker(ModuleTracker):
+    """ModuleTracker that names modules by their path under a given root module.
+
+    torch's tracker names a module by the first module it sees plus attribute names; a callable
+    that calls a submodule directly (``model["unet"](...)``) would then lose the ``unet.``
+    prefix. Naming by ``root.named_modules()`` keeps one name per module whatever is called.
+    """
+
+    def __init__(self, root: torch.nn.Module | None):
+        super().__init__()
+        self.paths: dict[torch.nn.Module, str] = {}
+        self.classes: dict[str, str] = {}
+        if root is not None:
+            for name, mod in root.named_modules():
+                self.paths[mod] = name or "<root>"
+                self.classes[name or "<root>"] = type(mod).__name__
+
+    def _get_mod_name(self, mod):  # noqa: D401 - override of ModuleTracker's naming
+        name = self.paths.get(mod)
+        if name is None:
+            name = super()._get_mod_name(mod)
+            self.classes.setdefault(name, type(mod).__name__)
+        return name
+
+    def innermost(self) -> str:
+        """Deepest module currently running (its forward, or its backward)."""
+        best, depth = "<global>", -1
+        for name in self.parents:
+            if name == "Global":
+                continue
+            d = 0 if name == "<root>" else name.count(".") + 1
+            if d > depth:
+                best, depth = name, d
+        return best
+
+
+def _shape_tuple(tree: Any) -> tuple:
+    return tuple(tuple(t.shape) for t in costs.tensors(tree))
+
+
+def _dtype_name(args: tuple, kwargs: dict, out: Any) -> str:
+    ts = costs.tensors((args, kwargs)) or costs.tensors(out)
+    return str(ts[0].dtype).removeprefix("torch.") if ts else ""
+
+
+class _Recorder(TorchDispatchMode):
+    """Dispatch mode that executes each op and appends one row per op to ``rows``."""
+
+    def __init__(self, tracker: _PathTracker, phase: str, strict: bool):
+        super().__init__()
+        self.tracker, self.phase, self.strict = tracker, phase, strict
+        self.rows: list[tuple] = []
+        self.uncosted: Counter[str] = Counter()
+        self.paused = False  # set while the tracer itself creates tensors
+
+    def record(self, op: str, cost: costs.OpCost | None, args: tuple, kwargs: dict, out: Any) -> None:
+        module = self.tracker.innermost()
+        module_class = self.tracker.classes.get(module, "")
+        npass = "backward" if self.tracker.is_bw else "forward"
+        if cost is None:
+            self.uncosted[op] += 1
+            op_class, flops, macs, br, bw, costed = costs.OTHER, math.nan, math.nan, math.nan, math.nan, False
+        else:
+            op_class, flops, macs, br, bw, costed = (cost.op_class, cost.flops, cost.macs,
+                                                     cost.bytes_read, cost.bytes_written, True)
+            # Element-wise/reduction ops inside a norm module (RMSNorm written as pow/mean/
+            # rsqrt/mul) are normalization work: class them so, as Ivanov et al. do.
+            if op_class == costs.ELEMENTWISE and "norm" in module_class.lower():
+                op_class = costs.NORMALIZATION
+        moved = br + bw
+        intensity = flops / moved if costed and moved else math.nan
+        self.rows.append((op, module, module_class, self.phase, npass, op_class,
+                          _shape_tuple((args, kwargs)), _shape_tuple(out),
+                          _dtype_name(args, kwargs, out), flops, macs, br, bw, intensity, costed))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.paused or func in _SKIP:
+            return func(*args, **kwargs)
+        rule = costs.rule_for(func, args, kwargs, None)
+        if rule is None:
+            # No rule: a composite op may decompose into ops that have one (as FlopCounterMode does).
+            with self:
+                r = func.decompose(*args, **kwargs)
+            if r is not NotImplemented:
+                return r
+            if self.strict:
+                raise UncostedOpError(
+                    f"no cost rule for {func} (issued by module '{self.tracker.innermost()}'); "
+                    "add one with cohw_utils.costs.register_cost, or trace with strict=False "
+                    "to record it as uncosted")
+        out = func(*args, **kwargs)
+        cost = costs.op_cost(func, args, kwargs, out) if rule is not None else None
+        self.record(str(func), cost, args, kwargs, out)
+        return out
+
+
+class _FusedAttentionOnMeta(TorchFunctionMode):
+    """Records scaled_dot_product_attention on meta tensors as one fused-kernel row."""
+
+    def __init__(self, recorder: _Recorder):
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            if q.device.type == "meta" and not needs_graph:
+                return self._fused(q, k, v, args, kwargs)
+        return func(*args, **kwargs)
+
+    def _fused(self, q, k, v, args, kwargs):
+        self.recorder.paused = True
+        try:
+            out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+        finally:
+            self.recorder.paused = False
+        # K/V with fewer heads (GQA/MQA, enable_gqa=True) are read once by a fused kernel;
+        # the FLOPs are those of attention with K/V broadcast to every query head.
+        heads = q.shape[-3] if q.dim() >= 3 else 1
+        k_full = (*k.shape[:-3], heads, *k.shape[-2:]) if k.dim() >= 3 else tuple(k.shape)
+        v_full = (*v.shape[:-3], heads, *v.shape[-2:]) if v.dim() >= 3 else tuple(v.shape)
+        flops = int(sdpa_flop_count(tuple(q.shape), k_full, v_full))
+        ins = [q, k, v] + [t for t in costs.tensors(kwargs)]
+        cost = costs.OpCost(costs.CONTRACTION, flops, flops // 2,
+                            sum(costs.tensor_bytes(t) for t in ins), costs.tensor_bytes(out))
+        self.recorder.record(_SDPA_ROW_OP, cost, (q, k, v), kwargs, out)
+        return out
+
+
+def trace(fn: Callable[..., Any], *args: Any, model: torch.nn.Module | None = None,
+          phase: str = "forward", strict: bool = False, fused_attention: bool = True,
+          **kwargs: Any) -> pd.DataFrame:
+    """Run ``fn(*args, **kwargs)`` and return its op table (see the module docstring).
+
+    ``model`` is the root module whose ``named_modules()`` paths name the ``module`` column
+    (without it, modules are named by class as torch's ModuleTracker does). ``strict=True``
+    raises :class:`~cohw_utils.errors.UncostedOpError` at the first op with no cost rule;
+    otherwise such ops are recorded with NaN costs and listed in ``table.attrs['uncosted']``.
+    """
+    tracker = _PathTracker(model)
+    recorder = _Recorder(tracker, phase, strict)
+    attention = _FusedAttentionOnMeta(recorder) if fused_attention else None
+    with tracker:
+        if attention is not None:
+            with attention, recorder:
+                fn(*args, **kwargs)
+        else:
+            with recorder:
+                fn(*args, **kwargs)
+    table = pd.DataFrame.from_records(recorder.rows, columns=COLUMNS)
+    table.attrs["phase"] = phase
+    table.attrs["uncosted"] = dict(recorder.uncosted)
+    return table
+
+
+def concat(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Stack op tables of several phases into one (uncosted counts are summed)."""
+    out = pd.concat(tables, ignore_index=True)
+    merged: Counter[str] = Counter()
+    for t in tables:
+        merged.update(t.attrs.get("uncosted", {}))
+    out.attrs = {"phase": "+".join(t.attrs.get("phase", "?") for t in tables),
+                 "uncosted": dict(merged)}
+    return out
