@@ -1,0 +1,38 @@
+# The book's two commands (README): `make book` and `make test`. Both create the virtual
+# environment from the pinned requirements first, so they work on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: book test venv unit notebooks nbval smoke-book probe clean
+
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The whole book, every notebook executed with its full parameters, warnings are errors.
+book: $(STAMP)
+	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going
+	@echo "book: open _build/html/index.html"
+
+# The whole test suite: unit tests, every notebook under papermill with the small CI
+# parameters, nbval on the outputs notebooks mark for checking, and a warning-free Sphinx
+# build of the executed smoke notebooks.
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+	COHW_SMOKE=1 $(PY) -m pytest --nbval-lax chapters -q -p no:cacheprovider
+	$(PY) tools/smoke_book.py
+
+probe: $(STAMP)
+	$(PY) -c "from cohw_utils.probe import probe_host; print(probe_host(refresh=True))"
+
+clean:
+	rm -rf _build
