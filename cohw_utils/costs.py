@@ -30,8 +30,11 @@ Counting semantics
 * **Views** (view, reshape-as-view, transpose, permute, expand, slice, select, squeeze,
   detach, ...) cost 0 FLOPs and **0 bytes**: they change metadata only. Their class is
   ``view`` so summaries can drop them.
-* **Creation** ops (no tensor input: empty, zeros, arange, randn, ...) cost 0 FLOPs and write
-  their output. Class ``other``.
+* **Creation** ops (no tensor input: empty, zeros, arange, randn, ...; and the ``*_like`` /
+  ``new_*`` ops, whose input only gives a shape) cost 0 FLOPs, read nothing and write their
+  output. Class ``other``.
+* **Losses**: mse/l1/smooth-l1/binary cross-entropy and their backward 3 FLOPs per input
+  element; nll_loss 1 per output element.
 * **Bytes** assume unfused, eager execution: every op reads each tensor input from main memory
   and writes each output back. A tensor's bytes are its *distinct* elements times the element
   size, so a broadcast (stride-0) input counts once. This is an upper bound on traffic: a
@@ -282,7 +285,7 @@ register_cost(_ops("clone", "_to_copy", "contiguous", "cat", "stack", "constant_
                    "index_add", "index_copy", "index_fill", "masked_scatter", "slice_scatter",
                    "select_scatter", "as_strided_scatter", "embedding_dense_backward",
                    "tril", "triu", "upsample_nearest2d", "upsample_nearest2d_backward",
-                   "_unsafe_index", "_unsafe_index_put", "new_empty_strided", "lift_fresh_copy",
+                   "_unsafe_index", "_unsafe_index_put", "lift_fresh_copy",
                    "split_with_sizes_copy", "unbind_copy", "narrow_copy", "fill_", "zero_",
                    "resize_", "set_"),
               _free(DATA_MOVEMENT))
@@ -296,6 +299,27 @@ register_cost(_ops("max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d
                    "avg_pool2d_backward", "_adaptive_avg_pool2d_backward"),
               _per_in_element(ELEMENTWISE, 1))
 register_cost(_ops("_fused_adam", "_fused_adamw"), _per_out_element(ELEMENTWISE, 12))
+
+
+def _creation(args, kwargs, out):
+    # zeros_like/new_zeros/randn_like...: the input only gives a shape; nothing is read.
+    return OTHER, 0, 0, 0
+
+
+register_cost(_ops("empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
+                   "randint_like", "new_empty", "new_zeros", "new_ones", "new_full",
+                   "new_empty_strided", "empty_strided", "bernoulli"), _creation)
+# Gradient of a slice/select/index: a zero tensor with the incoming gradient copied in.
+register_cost(_ops("select_backward", "slice_backward", "index_select_backward",
+                   "expand_backward", "as_strided_backward", "diagonal_backward"), _free(DATA_MOVEMENT))
+# mse_loss: subtract, square, sum per element (+ a final divide); its backward likewise.
+register_cost(_ops("mse_loss", "mse_loss_backward", "l1_loss", "smooth_l1_loss",
+                   "smooth_l1_loss_backward", "binary_cross_entropy",
+                   "binary_cross_entropy_backward"), _per_in_element(ELEMENTWISE, 3))
+register_cost(_ops("nll_loss_forward", "nll_loss_backward", "nll_loss2d_forward"),
+              _per_out_element(ELEMENTWISE, 1))
+register_cost(_ops("upsample_bilinear2d_backward", "_upsample_bilinear2d_aa_backward",
+                   "grid_sampler_2d_backward", "grid_sampler_3d_backward"), _per_in_element(ELEMENTWISE, 8))
 
 
 def _classify_by_tags(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> Rule | None:
