@@ -316,6 +316,10 @@ register_cost(_ops("select_backward", "slice_backward", "index_select_backward",
 register_cost(_ops("mse_loss", "mse_loss_backward", "l1_loss", "smooth_l1_loss",
                    "smooth_l1_loss_backward", "binary_cross_entropy",
                    "binary_cross_entropy_backward"), _per_in_element(ELEMENTWISE, 3))
+# Activation gradients torch does not tag pointwise: 1 FLOP per output element, like forward.
+register_cost(_ops("softplus_backward", "elu_backward", "leaky_relu_backward", "hardtanh_backward",
+                   "hardswish_backward", "hardsigmoid_backward", "mish_backward",
+                   "log_sigmoid_backward", "log_sigmoid_forward"), _per_out_element(ELEMENTWISE, 1))
 register_cost(_ops("nll_loss_forward", "nll_loss_backward", "nll_loss2d_forward"),
               _per_out_element(ELEMENTWISE, 1))
 register_cost(_ops("upsample_bilinear2d_backward", "_upsample_bilinear2d_aa_backward",

@@ -63,6 +63,13 @@ def novelty(op_sets: Mapping[str, set[str]], baseline: tuple[str, ...] = BASELIN
                      name="novelty")
 
 
+def novel_ops(op_sets: Mapping[str, set[str]], baseline: tuple[str, ...] = BASELINE) -> dict[str, list[str]]:
+    """Per workload, the sorted ops the baseline stack does not run (what :func:`novelty` counts)."""
+    novelty(op_sets, baseline)  # same validation
+    base = set().union(*(op_sets[b] for b in baseline))
+    return {w: sorted(s - base) for w, s in op_sets.items()}
+
+
 def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
     """Validate criterion weights: known names, non-negative, not all zero."""
     unknown = set(weights) - set(CRITERIA)

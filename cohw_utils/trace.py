@@ -92,6 +92,26 @@ class _PathTracker(ModuleTracker):
             self.classes.setdefault(name, type(mod).__name__)
         return name
 
+    # ModuleTracker registers backward hooks on every tensor that requires grad; a tensor that
+    # requires grad but has no autograd node (made under no_grad from a leaf, as nerfstudio's
+    # samplers do) makes that registration fail. Such tensors cannot carry a backward, so the
+    # hooks below hand ModuleTracker only tensors that can.
+    @staticmethod
+    def _backward_capable(tree: Any) -> list[torch.Tensor]:
+        return [t for t in costs.tensors(tree)
+                if t.requires_grad and (t.grad_fn is not None or t.is_leaf)]
+
+    def _fw_pre_hook(self, mod, input) -> None:
+        if torch.is_grad_enabled():
+            input = self._backward_capable(input)
+        else:
+            input = ()
+        super()._fw_pre_hook(mod, input)
+
+    def _fw_post_hook(self, mod, input, output) -> None:
+        output = self._backward_capable(output) if torch.is_grad_enabled() else ()
+        super()._fw_post_hook(mod, input, output)
+
     def innermost(self) -> str:
         """Deepest module currently running (its forward, or its backward)."""
         best, depth = "<global>", -1

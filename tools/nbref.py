@@ -36,6 +36,7 @@ def refresh(path: Path) -> None:
                 if out.get("output_type") == "execute_result":
                     out["execution_count"] = None
             cell.outputs = done.outputs
+            cell.execution_count = done.execution_count  # nbval skips "unrun" cells
     nbformat.write(nb, path)
     print(f"{path}: references refreshed")
 
