@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test venv unit notebooks nbval smoke-book probe clean
+.PHONY: book test venv browser-deps probe clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +23,18 @@ book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going
 	@echo "book: open _build/html/index.html"
 
+# Debian's Chromium for the browser test of the rendered book (root, as on CI).
+browser-deps:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
 # The whole test suite: unit tests, every notebook under papermill with the small CI
-# parameters, nbval on the outputs notebooks mark for checking, and a warning-free Sphinx
-# build of the executed smoke notebooks.
-test: $(STAMP)
-	$(PY) -m pytest tests -q
+# parameters, nbval on the outputs notebooks mark for checking, a warning-free Sphinx build
+# of the executed smoke notebooks, and that build opened page by page in headless Chromium.
+test: $(STAMP) browser-deps
+	$(PY) -m pytest tests -q --ignore=tests/browser
 	COHW_SMOKE=1 $(PY) -m pytest --nbval-lax chapters -q -p no:cacheprovider
 	$(PY) tools/smoke_book.py
+	$(PY) -m pytest tests/browser -q
 
 probe: $(STAMP)
 	$(PY) -c "from cohw_utils.probe import probe_host; print(probe_host(refresh=True))"
