@@ -25,6 +25,8 @@ Counting semantics
   count the same per element. Element-wise ops issued from inside a module whose class name
   contains ``Norm`` (e.g. ``LlamaRMSNorm``, written as pow/mean/rsqrt/mul) are classed as
   *normalization* by the tracer, so the class shares follow Ivanov et al.
+* **Sorting and search** (class ``other``): sort/argsort n log2 n comparisons per row,
+  topk/kthvalue n log2 k, searchsorted ceil(log2 n) per query; each comparison counts 1 FLOP.
 * **Data movement** (copy, clone, cat, stack, gather/index/embedding, scatter, pad) costs
   0 FLOPs; gathers read only the rows they fetch (index bytes + output bytes).
 * **Views** (view, reshape-as-view, transpose, permute, expand, slice, select, squeeze,
@@ -202,14 +204,23 @@ def _searchsorted(args, kwargs, out):
     return OTHER, _numel_out(out) * max(1, math.ceil(math.log2(max(n, 2)))), 0, None
 
 
-def _sort(args, kwargs, out):
-    # comparison sort: n log2 n comparisons per sorted row
-    x = args[0]
-    if not isinstance(x, torch.Tensor) or x.numel() == 0:
-        return OTHER, 0, 0, None
-    dim = args[1] if len(args) > 1 and isinstance(args[1], int) else kwargs.get("dim", -1)
-    n = x.shape[dim] if x.dim() else 1
-    return OTHER, int(x.numel() * max(1.0, math.log2(max(n, 2)))), 0, None
+_SORT_DIM_ARG = {"sort": 1, "argsort": 1, "msort": None, "topk": 2, "kthvalue": 2}
+
+
+def _sort_rule(name: str) -> Rule:
+    """Comparison sorts: n log2 n comparisons per sorted row (topk/kthvalue: n log2 k)."""
+
+    def rule(args, kwargs, out):
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+            return OTHER, 0, 0, None
+        pos = _SORT_DIM_ARG[name]
+        dim = args[pos] if pos is not None and len(args) > pos else kwargs.get("dim", -1 if pos else 0)
+        n = x.shape[dim] if x.dim() else 1
+        k = args[1] if name in ("topk", "kthvalue") and len(args) > 1 else n
+        return OTHER, int(x.numel() * max(1.0, math.log2(max(min(k, n), 2)))), 0, None
+
+    return rule
 
 
 def _matmul_like(m: int, n: int, k: int, batch: int = 1) -> tuple[int, int]:
@@ -232,6 +243,18 @@ def _int_mm(args, kwargs, out):  # _int_mm(a [m,k] int8, b [k,n] int8) -> int32
     a, b = args[:2]
     flops, macs = _matmul_like(a.shape[0], b.shape[1], a.shape[1])
     return CONTRACTION, flops, macs, None
+
+
+def _grouped_mm(args, kwargs, out):
+    # _grouped_mm(a, b, offs): one GEMM per group (mixture-of-experts experts). a (M, K) with
+    # b (G, K, N) routes each of the M rows to one group: 2*M*N*K. 3D x 3D is a batched GEMM.
+    # 2D x 2D with a 3D output splits K across groups (the weight gradient): 2*M*N*K_total.
+    a = args[0]
+    o = tensors(out)[0]
+    k = a.shape[-1]
+    rows_x_cols = o.numel() // o.shape[0] if a.dim() == 2 and args[1].dim() == 2 and o.dim() == 3 else o.numel()
+    macs = rows_x_cols * k
+    return CONTRACTION, 2 * macs, macs, None
 
 
 def _weight_packed_mm(args, kwargs, out):  # _weight_int8pack_mm / _weight_int4pack_mm(x [m,k], w, ...)
@@ -259,6 +282,7 @@ register_cost(_ops("_scaled_dot_product_flash_attention_for_cpu_backward",
 register_cost(_ops("mv", "addmv"), _mv)
 register_cost(_ops("dot", "vdot"), _dot)
 register_cost(_ops("_int_mm"), _int_mm)
+register_cost(_ops("_grouped_mm", "_scaled_grouped_mm"), _grouped_mm)
 register_cost(_ops("_weight_int8pack_mm", "_weight_int4pack_mm", "_weight_int4pack_mm_for_cpu"),
               _weight_packed_mm)
 
@@ -273,8 +297,12 @@ register_cost(_ops("_softmax_backward_data", "_log_softmax_backward_data"),
               _per_out_element(NORMALIZATION, 5))
 
 register_cost(_ops("cumsum", "cumprod", "logcumsumexp"), _per_in_element(ELEMENTWISE, 1))
+# Element-wise ops torch does not tag pointwise.
+register_cost(_ops("floor_divide", "remainder", "fmod"), _per_out_element(ELEMENTWISE, 1))
+register_cost(_ops("histc", "bincount", "histogram"), _per_in_element(OTHER, 1))
 register_cost(_ops("searchsorted", "bucketize"), _searchsorted)
-register_cost(_ops("sort", "argsort", "topk", "kthvalue", "msort"), _sort)
+for _name in _SORT_DIM_ARG:
+    register_cost(_ops(_name), _sort_rule(_name))
 
 register_cost(_ops("embedding", "index_select", "gather", "index", "take", "take_along_dim",
                    "_embedding_bag", "masked_select", "nonzero"), _gather)

@@ -142,6 +142,7 @@ class _Recorder(TorchDispatchMode):
         self.rows: list[tuple] = []
         self.uncosted: Counter[str] = Counter()
         self.paused = False  # set while the tracer itself creates tensors
+        self.rule_errors: dict[str, str] = {}
 
     def record(self, op: str, cost: costs.OpCost | None, args: tuple, kwargs: dict, out: Any) -> None:
         module = self.tracker.innermost()
@@ -180,7 +181,15 @@ class _Recorder(TorchDispatchMode):
                     "add one with cohw_utils.costs.register_cost, or trace with strict=False "
                     "to record it as uncosted")
         out = func(*args, **kwargs)
-        cost = costs.op_cost(func, args, kwargs, out) if rule is not None else None
+        cost = None
+        if rule is not None:
+            try:
+                cost = costs.op_cost(func, args, kwargs, out)
+            except Exception as err:  # a rule that cannot cost this call: uncosted, with the reason
+                reason = f"cost rule failed ({type(err).__name__}: {err})"
+                if self.strict:
+                    raise UncostedOpError(f"{func}: {reason}; fix its rule in cohw_utils.costs") from err
+                self.rule_errors[str(func)] = reason
         self.record(str(func), cost, args, kwargs, out)
         return out
 
@@ -228,7 +237,8 @@ def trace(fn: Callable[..., Any], *args: Any, model: torch.nn.Module | None = No
     ``model`` is the root module whose ``named_modules()`` paths name the ``module`` column
     (without it, modules are named by class as torch's ModuleTracker does). ``strict=True``
     raises :class:`~cohw_utils.errors.UncostedOpError` at the first op with no cost rule;
-    otherwise such ops are recorded with NaN costs and listed in ``table.attrs['uncosted']``.
+    otherwise such ops are recorded with NaN costs and listed in ``table.attrs['uncosted']``
+    (with the reason in ``table.attrs['rule_errors']`` when a rule exists but failed).
     """
     tracker = _PathTracker(model)
     recorder = _Recorder(tracker, phase, strict)
@@ -243,6 +253,7 @@ def trace(fn: Callable[..., Any], *args: Any, model: torch.nn.Module | None = No
     table = pd.DataFrame.from_records(recorder.rows, columns=COLUMNS)
     table.attrs["phase"] = phase
     table.attrs["uncosted"] = dict(recorder.uncosted)
+    table.attrs["rule_errors"] = dict(recorder.rule_errors)
     return table
 
 

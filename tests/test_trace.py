@@ -214,3 +214,37 @@ def test_summary_views():
     assert summary.module_prefix("model.layers.3.mlp.up_proj", 3) == "model.layers.3"
     with pytest.raises(ValueError, match="flops"):
         summary.hotspots(t, "time")
+
+
+def test_grouped_mm_mixture_of_experts():
+    # 8 routed rows through 4 experts of 16 -> 32: each row meets one expert's weights
+    a = torch.empty(8, 16, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(4, 16, 32, dtype=torch.bfloat16, device="meta")
+    offs = torch.empty(4, dtype=torch.int32, device="meta")
+    r = trace(lambda: torch._grouped_mm(a, b, offs=offs)).iloc[0]
+    assert r.op_class == "contraction" and r.flops == 2 * 8 * 16 * 32 and r.macs == 8 * 16 * 32
+    assert r.bytes_read == 2 * (8 * 16 + 4 * 16 * 32) + 4 * 4  # every expert's weights are read
+
+
+def test_sort_and_topk_comparisons():
+    x = torch.randn(10, 5)
+    assert trace(lambda: x.topk(3, dim=1)).iloc[0].flops == int(50 * math.log2(3))
+    assert trace(lambda: x.sort(dim=0)).iloc[0].flops == int(50 * math.log2(10))
+    s, q = torch.arange(16.0), torch.rand(6)
+    assert trace(lambda: torch.searchsorted(s, q)).iloc[0].flops == 6 * 4  # ceil(log2 16) each
+
+
+def test_a_failing_rule_is_uncosted_with_its_reason(mystery_op):
+    def broken(a, k, o):
+        raise IndexError("tuple index out of range")
+
+    costs.register_cost(mystery_op, broken)
+    try:
+        x = torch.randn(3)
+        t = trace(lambda: mystery_op(x))
+        assert not t.iloc[0].costed and t.attrs["uncosted"] == {"cohw_test.mystery.default": 1}
+        assert "IndexError" in t.attrs["rule_errors"]["cohw_test.mystery.default"]
+        with pytest.raises(UncostedOpError, match="cost rule failed.*IndexError"):
+            trace(lambda: mystery_op(x), strict=True)
+    finally:
+        costs._RULES.pop(mystery_op)
