@@ -249,12 +249,19 @@ def _grouped_mm(args, kwargs, out):
     # _grouped_mm(a, b, offs): one GEMM per group (mixture-of-experts experts). a (M, K) with
     # b (G, K, N) routes each of the M rows to one group: 2*M*N*K. 3D x 3D is a batched GEMM.
     # 2D x 2D with a 3D output splits K across groups (the weight gradient): 2*M*N*K_total.
-    a = args[0]
+    # Bytes: with M rows routed over G groups at most min(G, M) groups hold rows, and a grouped
+    # kernel reads only their weights (2 experts per token at batch-1 decode, not all 8).
+    a, b = args[0], args[1]
     o = tensors(out)[0]
     k = a.shape[-1]
-    rows_x_cols = o.numel() // o.shape[0] if a.dim() == 2 and args[1].dim() == 2 and o.dim() == 3 else o.numel()
+    rows_x_cols = o.numel() // o.shape[0] if a.dim() == 2 and b.dim() == 2 and o.dim() == 3 else o.numel()
     macs = rows_x_cols * k
-    return CONTRACTION, 2 * macs, macs, None
+    read = None
+    if a.dim() == 2 and b.dim() == 3:
+        groups = b.shape[0]
+        others = sum(tensor_bytes(t) for t in tensors((args[2:], kwargs)))
+        read = tensor_bytes(a) + tensor_bytes(b) * min(groups, a.shape[0]) // groups + others
+    return CONTRACTION, 2 * macs, macs, read
 
 
 def _weight_packed_mm(args, kwargs, out):  # _weight_int8pack_mm / _weight_int4pack_mm(x [m,k], w, ...)

@@ -223,7 +223,11 @@ def test_grouped_mm_mixture_of_experts():
     offs = torch.empty(4, dtype=torch.int32, device="meta")
     r = trace(lambda: torch._grouped_mm(a, b, offs=offs)).iloc[0]
     assert r.op_class == "contraction" and r.flops == 2 * 8 * 16 * 32 and r.macs == 8 * 16 * 32
-    assert r.bytes_read == 2 * (8 * 16 + 4 * 16 * 32) + 4 * 4  # every expert's weights are read
+    assert r.bytes_read == 2 * (8 * 16 + 4 * 16 * 32) + 4 * 4  # 8 rows can reach all 4 experts
+    # one token routed to 2 of 4 experts: a grouped kernel reads only those experts' weights
+    a2 = torch.empty(2, 16, dtype=torch.bfloat16, device="meta")
+    r = trace(lambda: torch._grouped_mm(a2, b, offs=offs)).iloc[0]
+    assert r.flops == 2 * 2 * 16 * 32 and r.bytes_read == 2 * (2 * 16 + 2 * 16 * 32) + 4 * 4
 
 
 def test_sort_and_topk_comparisons():
