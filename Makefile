@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+# Executed notebooks store plain figures, not widget state that needs a live kernel.
+export COHW_STATIC := 1
 STAMP  := $(VENV)/.installed
 
 .PHONY: book test venv browser-deps probe clean
