@@ -91,11 +91,13 @@ def check_kv_bytes_per_token(config: str, answer: float, dtype_bytes: int = 2) -
     return compare(answer, expected, f"KV cache bytes per token of {config} at {dtype_bytes} B/element", 0.0)
 
 
-def check_top_proxy(weights: Mapping[str, float], answer: str, seq_len: int = 512) -> Verdict:
-    """Chapter 1: which workload ranks first under ``weights``?"""
+def check_top_proxy(weights: Mapping[str, float], answer: str, seq_len: int = 512,
+                    rays: int = 1024, hw: str = "H100-SXM") -> Verdict:
+    """Chapter 1: which workload ranks first under ``weights`` (whole registry, at the given
+    LLM context, NeRF ray batch and reference accelerator)?"""
     from . import priority, proxies
 
-    table, ops = proxies.overview(seq_len=seq_len, rays=1024)
+    table, ops = proxies.overview(hw=hw, seq_len=seq_len, rays=rays)
     ranked = priority.rank(proxies.criteria(table, ops), weights)
     best = ranked.index[0]
     if str(answer).strip().lower() == best:
