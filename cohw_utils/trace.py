@@ -24,7 +24,8 @@ Columns
 The counting semantics live in :mod:`cohw_utils.costs`. Two tracer-level choices:
 
 * **Module attribution** uses torch's ``ModuleTracker`` (forward hooks, and multi-grad hooks
-  for backward), so backward ops are attributed to the module whose forward created them.
+  for backward), so backward ops are attributed to the module whose forward created them;
+  shared modules are named by call path (see ``_PathTracker``).
 * **Attention on ``meta``**: with no real kernel to pick, torch runs the *math* path of
   ``scaled_dot_product_attention`` on ``meta`` (explicit QK^T, mask, softmax, PV, with the
   T x T score matrix in memory). A GPU or CPU run uses a fused kernel instead. So that a
@@ -69,59 +70,135 @@ _SKIP = {
 
 
 class _PathTracker(ModuleTracker):
-    """ModuleTracker that names modules by their path under a given root module.
+    """torch's ModuleTracker, naming modules by their path under a root and by call path.
 
-    torch's tracker names a module by the first module it sees plus attribute names; a callable
-    that calls a submodule directly (``model["unet"](...)``) would then lose the ``unet.``
-    prefix. Naming by ``root.named_modules()`` keeps one name per module whatever is called.
+    * **Names.** torch's tracker names a module by the first module it sees plus attribute
+      names; a callable that calls a submodule directly (``model["unet"](...)``) would lose the
+      ``unet.`` prefix. Here a module is named by ``root.named_modules()``.
+    * **Shared modules.** A module reachable by several paths (nerfstudio's density field holds
+      its hash encoding as ``encoding`` and as ``mlp_base.0``; MLPs share one activation
+      instance) is named, on each call, by the path that extends its caller's path; the
+      innermost module in forward is the one entered *last* (not the one with the deepest
+      name).
+    * **Backward.** ModuleTracker leaves a module "entered" in backward until a hook on its
+      *inputs* fires; when no input needs grad (the first layer fed by an encoding) it never
+      fires and later backward ops would go to that stale module. Here, in backward, the
+      innermost module is the one whose backward started last (its output-grad hook fired
+      after the most recent op), the deepest among those that started together; a module whose
+      backward ended before it started (an identity such as eval-mode Dropout) is not entered.
+    * ModuleTracker registers backward hooks on every tensor that requires grad; a tensor that
+      requires grad but has no autograd node (made under no_grad from a leaf, as nerfstudio's
+      samplers do) makes that registration fail, so only tensors that can carry a backward are
+      handed to it.
     """
 
     def __init__(self, root: torch.nn.Module | None):
         super().__init__()
         self.paths: dict[torch.nn.Module, str] = {}
         self.classes: dict[str, str] = {}
+        self._all: dict[torch.nn.Module, list[str]] = {}
         if root is not None:
-            for name, mod in root.named_modules():
-                self.paths[mod] = name or "<root>"
-                self.classes[name or "<root>"] = type(mod).__name__
+            for name, mod in root.named_modules(remove_duplicate=False):
+                path = name or "<root>"
+                self.paths.setdefault(mod, path)
+                self._all.setdefault(mod, []).append(path)
+                self.classes.setdefault(path, type(mod).__name__)
+        self._override: dict[torch.nn.Module, str] = {}
+        self._stack: dict[torch.nn.Module, list[str]] = {}
+        self._seq = 0
+        self._entered: dict[str, int] = {}
+        self._ops = 0
+        self._bw_started: dict[str, int] = {}
+        self._bw_ended: dict[str, int] = {}
 
-    def _get_mod_name(self, mod):  # noqa: D401 - override of ModuleTracker's naming
+    def _name_of(self, mod) -> str:
         name = self.paths.get(mod)
         if name is None:
             name = super()._get_mod_name(mod)
             self.classes.setdefault(name, type(mod).__name__)
         return name
 
-    # ModuleTracker registers backward hooks on every tensor that requires grad; a tensor that
-    # requires grad but has no autograd node (made under no_grad from a leaf, as nerfstudio's
-    # samplers do) makes that registration fail. Such tensors cannot carry a backward, so the
-    # hooks below hand ModuleTracker only tensors that can.
+    def _get_mod_name(self, mod):  # ModuleTracker asks this for the name of the running module
+        return self._override.get(mod) or self._name_of(mod)
+
+    def _current(self) -> str:
+        live = [n for n in self.parents if n != "Global"]
+        return max(live, key=lambda n: self._entered.get(n, -1)) if live else ""
+
+    def _choose(self, mod) -> str:
+        paths = self._all.get(mod, [])
+        if len(paths) < 2:
+            return self._name_of(mod)
+        caller = self._current().split(".")
+
+        def shared(p: str) -> int:
+            n = 0
+            for a, b in zip(p.split("."), caller):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        return max(paths, key=shared)  # ties: the first (canonical) path
+
     @staticmethod
     def _backward_capable(tree: Any) -> list[torch.Tensor]:
+        if not torch.is_grad_enabled():
+            return []
         return [t for t in costs.tensors(tree)
                 if t.requires_grad and (t.grad_fn is not None or t.is_leaf)]
 
     def _fw_pre_hook(self, mod, input) -> None:
-        if torch.is_grad_enabled():
-            input = self._backward_capable(input)
-        else:
-            input = ()
-        super()._fw_pre_hook(mod, input)
+        name = self._choose(mod)
+        self._stack.setdefault(mod, []).append(name)
+        self._override[mod] = name
+        try:
+            super()._fw_pre_hook(mod, self._backward_capable(input))
+        finally:
+            self._override.pop(mod, None)
 
     def _fw_post_hook(self, mod, input, output) -> None:
-        output = self._backward_capable(output) if torch.is_grad_enabled() else ()
-        super()._fw_post_hook(mod, input, output)
+        stack = self._stack.get(mod)
+        self._override[mod] = stack.pop() if stack else self._name_of(mod)
+        try:
+            super()._fw_post_hook(mod, input, self._backward_capable(output))
+        finally:
+            self._override.pop(mod, None)
+
+    def _get_append_fn(self, name, is_bw):
+        inner = super()._get_append_fn(name, is_bw)
+
+        def fn(*args):
+            if is_bw:
+                if self._bw_ended.get(name) == self._ops:
+                    return  # its backward already ended with no op in it
+                self._bw_started[name] = self._ops
+            else:
+                self._seq += 1
+                self._entered[name] = self._seq
+            inner(*args)
+
+        return fn
+
+    def _get_pop_fn(self, name, is_bw):
+        inner = super()._get_pop_fn(name, is_bw)
+
+        def fn(*args):
+            if is_bw:
+                self._bw_ended[name] = self._ops
+            inner(*args)
+
+        return fn
 
     def innermost(self) -> str:
-        """Deepest module currently running (its forward, or its backward)."""
-        best, depth = "<global>", -1
-        for name in self.parents:
-            if name == "Global":
-                continue
-            d = 0 if name == "<root>" else name.count(".") + 1
-            if d > depth:
-                best, depth = name, d
-        return best
+        """The module running now (its forward, or its backward)."""
+        live = [n for n in self.parents if n != "Global"]
+        if not live:
+            return "<global>"
+        if not self.is_bw:
+            return max(live, key=lambda n: self._entered.get(n, -1))
+        self._ops += 1
+        return max(live, key=lambda n: (self._bw_started.get(n, -1), 0 if n == "<root>" else n.count(".") + 1))
 
 
 def _shape_tuple(tree: Any) -> tuple:

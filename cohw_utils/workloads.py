@@ -331,7 +331,7 @@ def _cfg_get(config, *names, default=None):
     return default
 
 
-def _attention_geometry(config) -> tuple[int, int, int, int]:
+def attention_geometry(config) -> tuple[int, int, int, int]:
     """(layers, attention heads, KV heads, head_dim) of a decoder config (object or dict)."""
     layers = _cfg_get(config, "num_hidden_layers", "n_layer", "num_layers")
     heads = _cfg_get(config, "num_attention_heads", "n_head", "num_heads")
@@ -355,6 +355,9 @@ def _attention_geometry(config) -> tuple[int, int, int, int]:
     return int(layers), int(heads), int(kv), int(head_dim)
 
 
+
+_attention_geometry = attention_geometry  # old private name, still imported by quant.py
+
 def kv_cache_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     """Bytes of KV cache one token adds: ``2 (K and V) * layers * kv_heads * head_dim * dtype_bytes``.
 
@@ -365,7 +368,7 @@ def kv_cache_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     """
     if isinstance(config, (str, Path)):
         config = load_hf_config(config)
-    layers, _, kv, head_dim = _attention_geometry(config)
+    layers, _, kv, head_dim = attention_geometry(config)
     return 2 * layers * kv * head_dim * int(dtype_bytes)
 
 
@@ -398,7 +401,7 @@ def _shrink_decoder_config(config):
     """Same model_type, a few narrow layers; keeps MHA / GQA / MQA character (4 query heads with
     4, 2 or 1 KV heads)."""
     cfg = copy.deepcopy(config)
-    _, heads, kv, _ = _attention_geometry(cfg)
+    _, heads, kv, _ = attention_geometry(cfg)
     t = _TINY_LM
     tiny_kv = t["num_attention_heads"] if kv == heads else (1 if kv == 1 else 2)
     cfg.hidden_size = t["hidden_size"]
@@ -518,7 +521,7 @@ def _hf_path_workload(path: Path) -> Workload:
     if isinstance(cfg_dtype, str):
         cfg_dtype = _DTYPE_NAMES.get(cfg_dtype)
     default = cfg_dtype if isinstance(cfg_dtype, torch.dtype) and cfg_dtype.is_floating_point else torch.float16
-    layers, heads, kv, hd = _attention_geometry(config)
+    layers, heads, kv, hd = attention_geometry(config)
     return _workload(
         str(path), "llm",
         f"decoder LM '{config.model_type}' from {cfg_file} ({layers} layers, {heads} heads, {kv} KV heads of dim {hd})",
@@ -965,7 +968,8 @@ def _build_vanilla_nerf(wl, scale, device, dtype, batch, seq_len, *, rays=None, 
     """Vanilla NeRF (nerfstudio ``NeRFModel`` components, ``VanillaModelConfig`` defaults): two
     NeRFFields (coarse and fine), each positional encoding (10 frequencies for position, 4 for
     direction) -> 8x256 ReLU MLP with a skip at layer 4 -> density head, and a 2x128 head -> RGB;
-    64 uniform coarse samples, 128 PDF importance samples (the fine field sees 64 + 128), white
+    64 uniform coarse samples, 128 PDF importance samples (the fine field sees 193: nerfstudio's
+    PDF sampler merges 129 new bin edges with the 65 coarse ones), white
     background, near 2 / far 6 (Blender). Root module: :class:`VanillaNeRFRenderer`. Tiny: 3x32 MLP (skip at layer 1),
     16 + 16 samples, 256 rays.
 

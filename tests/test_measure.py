@@ -38,7 +38,7 @@ def test_profile_ops_joins_every_working_row(tmp_path):
     assert (work.time_min_s <= work.time_s).all() and (work.time_s <= work.time_max_s).all()
     mm = work[work.op == "aten.addmm.default"].iloc[0]
     assert mm.achieved_flops == pytest.approx(mm.flops / mm.time_s)
-    assert work.time_s.sum() <= t.attrs["wall_s"]
+    assert work.time_min_s.sum() <= t.attrs["wall_s"]  # per-op minima fit inside any run
     assert "torch.profiler" in t.attrs["method"]
     events = json.loads(path.read_text())["traceEvents"]
     assert any(e.get("name") == "aten::addmm" for e in events)
