@@ -298,8 +298,10 @@ def probe_host(quick: bool = False, cache: bool = True, refresh: bool = False) -
     overwrites it. The result is a JSON-able dict: ``peak_flops`` (``{'fp32': FLOP/s or
     None, 'bf16': ...}``), ``peak_reasons`` (why a dtype is None), ``mem_bw`` (bytes/s or
     None), ``gemm`` and ``bandwidth`` (per-size / per-kernel detail), ``machine`` (CPU model,
-    counts, torch version and threads, LLC), ``date``, ``quick``, ``method`` and
-    ``elapsed_s``.
+    counts, torch version and threads, LLC), ``date``, ``quick``, ``method``, ``elapsed_s``,
+    ``load_average`` (1-minute, before measuring) and ``contended`` (load above
+    ``BUSY_LOAD`` per CPU: the result is then not cached, since other processes shared the
+    cores).
     """
     machine = _machine()
     if cache and not refresh:
@@ -307,6 +309,7 @@ def probe_host(quick: bool = False, cache: bool = True, refresh: bool = False) -
             cached = _read_cache(path)
             if cached is not None:
                 return cached
+    load_before = _load_average()
     start = time.perf_counter()
     gemm = {d: measure_gemm(d, quick) for d in ("fp32", "bf16")}
     bandwidth = measure_bandwidth(machine["llc_bytes"], quick)
@@ -324,10 +327,26 @@ def probe_host(quick: bool = False, cache: bool = True, refresh: bool = False) -
         "bandwidth": bandwidth,
         "method": METHOD.format(mult=multiple, min_mib=min_mib),
         "elapsed_s": round(time.perf_counter() - start, 2),
+        "load_average": load_before,
     }
-    if cache:
+    # A peak measured while other processes compete for the cores is not this machine's
+    # peak: such a result is returned (flagged) but not cached, so a later quiet run measures.
+    busy = load_before is not None and load_before > BUSY_LOAD * (os.cpu_count() or 1)
+    result["contended"] = busy
+    if cache and not busy:
         _write_cache(_cache_path(machine, quick), result)
     return result
+
+
+#: 1-minute load average per logical CPU above which a probe result is not cached.
+BUSY_LOAD = 0.5
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def hardware_from_probe(result: dict[str, Any]) -> Hardware:

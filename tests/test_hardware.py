@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -222,7 +223,15 @@ def test_missing_column_and_missing_file(tmp_path: Path) -> None:
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("COHW_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("COHW_PROBE_QUICK", "1")
+    monkeypatch.setattr(probe, "_load_average", lambda: 0.0)  # a quiet machine, whatever this one is
     return tmp_path
+
+
+def test_a_probe_under_load_is_flagged_and_not_cached(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(probe, "_load_average", lambda: 10.0 * (os.cpu_count() or 1))
+    result = probe.probe_host(quick=True)
+    assert result["contended"] is True and result["load_average"] > 0
+    assert not list(cache_dir.glob("*.json"))
 
 
 def _forbid_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
