@@ -336,6 +336,12 @@ register_cost(_ops("max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d
 register_cost(_ops("_fused_adam", "_fused_adamw"), _per_out_element(ELEMENTWISE, 12))
 
 
+# Dropout (Chapter 4.3): on CPU, F.dropout in training is empty_like + bernoulli_ (the random
+# mask, 1 FLOP per element) + div_ + mul; native_dropout (GPU) draws mask and output at once.
+register_cost(_ops("bernoulli_", "native_dropout", "native_dropout_backward"),
+              _per_out_element(ELEMENTWISE, 1))
+
+
 def _creation(args, kwargs, out):
     # zeros_like/new_zeros/randn_like...: the input only gives a shape; nothing is read.
     return OTHER, 0, 0, 0

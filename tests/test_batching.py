@@ -1,0 +1,36 @@
+"""Latency and throughput against batch: measured rows, roofline predictions."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cohw_utils import batching
+from cohw_utils.errors import CohwError
+from cohw_utils.hardware import get_hardware
+
+
+def test_measure_tiny_decode_and_nerf():
+    d = batching.measure("llama-2-7b", "decode", [1, 2], scale="tiny", repeats=2, warmup=1, seq_len=16)
+    assert d.batch.tolist() == [1, 2] and d.units.tolist() == [1, 2]
+    np.testing.assert_allclose(d.throughput, d.units / (d.latency_ms / 1e3))
+    assert (d.latency_min_ms <= d.latency_ms).all() and (d.latency_ms <= d.latency_max_ms).all()
+    assert "KV cache grows" in d.attrs["note"]
+    n = batching.measure("nerfacto", "render", [32], scale="tiny", repeats=1, warmup=0)
+    assert n.unit.iloc[0] == "ray" and n.units.iloc[0] == 32
+    s = batching.measure("llama-slice", "prefill", [1], repeats=1, warmup=0, width="small", seq_len=8)
+    assert s.units.iloc[0] == 8
+
+
+def test_predict_decode_is_weight_bandwidth_bound():
+    p = batching.predict("llama-2-7b", "decode", [1], ["H100-SXM"], seq_len=512)
+    row = p.iloc[0]
+    h100 = get_hardware("H100-SXM")
+    weights = 6.74e9 * 2  # Llama-2-7B parameters in fp16
+    assert row.latency_ms == pytest.approx(1e3 * weights / h100.mem_bw, rel=0.1)
+    assert row.memory_bound_share > 0.9 and row.units == 1
+    assert "ideal roofline" in p.attrs["model"]
+
+
+def test_bad_batch_raises():
+    with pytest.raises(CohwError, match="positive integers"):
+        batching.measure("llama-2-7b", "decode", [0], scale="tiny")

@@ -1,0 +1,61 @@
+"""The matmul ladder: every rung multiplies correctly; the table's arithmetic; the paper's data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cohw_utils import matmul_ladder as ml
+from cohw_utils.errors import CohwError
+
+PEAKS = {"fp32": 2e11, "bf16": 8e11}
+
+
+@pytest.mark.parametrize("key,n", [("python", 7), ("python-ikj", 7), ("numba", 70), ("parallel", 70),
+                                   ("tiled", 70), ("vectorized", 70), ("blas-fp32", 64), ("blas-bf16", 64),
+                                   ("numpy", 64)])
+def test_every_rung_computes_the_product(key, n):
+    row = ml.measure_rung(key, n, repeats=1, warmup=0)
+    tol = 2e-2 if key == "blas-bf16" else 1e-5
+    assert row["max_rel_err"] < tol
+    assert row["gflops"] == pytest.approx(2 * n**3 / row["best_s"] / 1e9)
+    assert row["time_at_4096_s"] == pytest.approx(row["best_s"] * (4096 / n) ** 3)
+
+
+def test_ladder_table_arithmetic():
+    df = ml.run_ladder(PEAKS, sizes={"python": 6, "compiled": 32, "blas": 64}, repeats=1,
+                       rungs=("python", "python-ikj", "numba", "blas-fp32", "blas-bf16"))
+    assert list(df.rung) == ["python", "python-ikj", "numba", "blas-fp32", "blas-bf16", "numpy"]
+    assert df.abs_speedup.iloc[0] == 1.0 and np.isnan(df.rel_speedup.iloc[0])
+    np.testing.assert_allclose(df.abs_speedup, df.gflops / df.gflops.iloc[0])
+    assert df.rel_speedup.iloc[2] == pytest.approx(df.gflops.iloc[2] / df.gflops.iloc[1])
+    assert np.isnan(df.rel_speedup.iloc[-1])  # numpy sits beside the ladder, not on it
+    bf16 = df.set_index("rung").loc["blas-bf16"]
+    assert bf16.pct_of_peak == pytest.approx(100 * bf16.gflops * 1e9 / PEAKS["bf16"])
+    py = df.set_index("rung").loc["python"]
+    assert py.pct_of_peak == pytest.approx(100 * py.gflops * 1e9 / PEAKS["fp32"])  # fp64 vs fp32 peak
+    assert ml.top_rung(df).pct_of_peak == df[df.rung != "numpy"].pct_of_peak.max()
+    side = ml.side_by_side(df)
+    assert side.set_index("rung").loc["python", "paper_running_time_s"] == 25552.48
+    assert np.isnan(side.set_index("rung").loc["python-ikj", "paper_gflops"])
+
+
+def test_paper_table_is_internally_consistent():
+    p = ml.paper_table()
+    assert list(p.version) == [1, 2, 3, 4, 5, 6, 7]
+    assert p.running_time_s.iloc[0] == 25552.48 and p.running_time_s.iloc[-1] == 0.41
+    assert p.fraction_of_peak_pct.iloc[-1] == 40.45 and p.absolute_speedup.iloc[-1] == 62806
+    # GFLOPS = 2 * 4096^3 / time (times printed to 2 decimals, GFLOPS to 3: tolerances);
+    # absolute speedup = time ratio; % of peak against 835 GFLOP/s
+    np.testing.assert_allclose(p.gflops, 2 * 4096**3 / p.running_time_s / 1e9, rtol=0.01, atol=1e-3)
+    np.testing.assert_allclose(p.absolute_speedup, p.running_time_s.iloc[0] / p.running_time_s, rtol=0.025, atol=0.5)
+    np.testing.assert_allclose(p.fraction_of_peak_pct[1:], 100 * p.gflops[1:] / 835, atol=0.05)
+    assert p.attrs["citation"] == "leiserson2020there"
+
+
+def test_bad_input_raises():
+    with pytest.raises(CohwError, match="unknown rung"):
+        ml.measure_rung("fortran", 8)
+    with pytest.raises(CohwError, match="matrix size"):
+        ml.measure_rung("numba", 1)
+    with pytest.raises(CohwError, match="peaks needs"):
+        ml.run_ladder({"fp32": 1e11}, sizes={"python": 4, "compiled": 8, "blas": 8})
