@@ -6,7 +6,6 @@ run on CPU with seeded random weights.
 from __future__ import annotations
 
 import json
-import time
 import warnings
 
 import pytest
@@ -144,9 +143,8 @@ def test_repo_configs_are_the_published_values():
 @pytest.mark.parametrize("name,expected", [
     ("llama-2-7b", 6_738_415_616), ("llama-2-13b", 13_015_864_320), ("llama-2-70b", 68_976_648_192)])
 def test_llama2_full_params_on_meta(name, expected):
-    t0 = time.perf_counter()
     built = W.build(name)
-    assert time.perf_counter() - t0 < 5.0  # meta construction allocates nothing
+    assert all(p.device.type == "meta" for p in built.model.parameters())  # nothing allocated
     assert type(built.model).__name__ == "LlamaForCausalLM"
     assert built.model.device.type == "meta" and built.dtype == torch.float16
     assert n_params(built.model) == expected
@@ -405,10 +403,8 @@ def test_dreamfusion_full_on_meta():
 
 @pytest.mark.parametrize("mode", ["vae", "interpolate"])
 def test_dreamfusion_tiny_cpu_sds_gradient_reaches_the_nerf(mode):
-    t0 = time.perf_counter()
     built = W.build("dreamfusion-sd", scale="tiny", device="cpu", latent_mode=mode)
     loss = run_phase(built, "sds_step")
-    assert time.perf_counter() - t0 < 10
     assert torch.isfinite(loss)
     nerf_grads = [p.grad for p in built.model["nerf"].parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in nerf_grads)
