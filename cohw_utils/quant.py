@@ -886,9 +886,9 @@ def int8_kv_cache(config) -> Any:
 def kv_bytes_per_token(config, kv: str = "fp16") -> int:
     """KV-cache bytes one token adds: ``2 * layers * kv_heads * (head_dim * b + s)`` where
     ``fp32``: b=4, s=0; ``fp16``: b=2, s=0; ``int8``: b=1 plus a 2-byte fp16 scale per vector."""
-    from .workloads import _attention_geometry
+    from .workloads import attention_geometry
 
-    layers, _, kv_heads, head_dim = _attention_geometry(config)
+    layers, _, kv_heads, head_dim = attention_geometry(config)
     per = {"fp32": 4 * head_dim, "fp16": 2 * head_dim, "bf16": 2 * head_dim, "int8": head_dim + 2}
     if kv not in per:
         raise CohwError(f"unknown KV-cache format {kv!r}; use fp32, fp16, bf16 or int8")

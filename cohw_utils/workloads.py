@@ -356,7 +356,6 @@ def attention_geometry(config) -> tuple[int, int, int, int]:
 
 
 
-_attention_geometry = attention_geometry  # old private name, still imported by quant.py
 
 def kv_cache_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     """Bytes of KV cache one token adds: ``2 (K and V) * layers * kv_heads * head_dim * dtype_bytes``.
