@@ -2,7 +2,7 @@
 
 A *target* is the set of aten op packets (``"aten.mm"``, ``"aten.native_layer_norm"``: the op
 name without its overload) that a software stack can run. Targets live in
-``cohw_utils/data/targets/``: ``targets.csv`` is the index (``name, file, description, source,
+``cohw_utils/data/targets/``: ``targets.csv`` is the index (``name, file, description, source, citation,
 notes``) and each target's file lists its ops, one row per op packet, with ``via`` (how the
 stack covers it) and ``evidence`` (the function, decomposition or rule that says so). See
 ``cohw_utils/data/targets/README.md`` for the shipped targets and how each was derived.
