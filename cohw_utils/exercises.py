@@ -60,7 +60,8 @@ def compare(answer: float, expected: float, what: str, rel_tol: float = 0.02) ->
                 hint = f" Yours is {text}."
                 break
         else:
-            hint = f" Yours is {ratio:.3g}x the expected value."
+            hint = (f" Yours is off by {answer - expected:+,.6g}." if abs(ratio - 1) < 0.005
+                    else f" Yours is {ratio:.3g}x the expected value.")
     return Verdict(False, f"{what}: expected {expected:,.6g}, got {answer:,.6g}.{hint}")
 
 
@@ -138,3 +139,256 @@ def check_capstone(answers: Mapping[str, float], config: str | Path = CAPSTONE_C
     verdicts = [compare(v, ref[k], k, rel_tol) for k, v in answers.items()]
     ok = all(verdicts)
     return Verdict(ok, "; ".join(repr(v) for v in verdicts))
+
+
+def _exact(answer: float, expected: int, what: str, near: Mapping[int, str]) -> Verdict:
+    """An integer answer that must be exact; ``near`` maps the values a common mistake gives
+    to the explanation."""
+    v = compare(answer, expected, what, 0.0)
+    if v.ok:
+        return v
+    try:
+        hint = near.get(int(round(float(answer))), "")
+    except (TypeError, ValueError):
+        hint = ""
+    return Verdict(False, v.message + (" " + hint if hint else ""))
+
+
+def _hardware(name: str):
+    from .hardware import get_hardware
+
+    return get_hardware(name)
+
+
+# ------------------------------------------------------------------------------- Chapter 2
+def check_kv_exceeds_weights(workload: str, answer: float, batch: int = 1, dtype: str = "fp16") -> Verdict:
+    """Chapter 2: the shortest context (tokens) at which ``batch`` sequences' KV cache holds
+    more bytes than ``workload``'s weights, both in ``dtype``."""
+    from . import kvcache, workloads
+
+    config = workloads.build(workload, scale="full", device="meta").config
+    weights = kvcache.weight_bytes(workload, dtype)
+    expected = kvcache.exceeds_weights_at(config, weights, batch, dtype)
+    near = {kvcache.exceeds_weights_at(config, weights, 1, dtype):
+            "That is the batch-1 figure: each of the batch's sequences has its own cache."} if batch > 1 else {}
+    near[2 * expected - 1] = "Did you count only K (or only V)? Both are cached."
+    return _exact(answer, expected, f"{workload}: context at which the KV cache of {batch} sequence(s) "
+                  f"outgrows the weights ({dtype})", near)
+
+
+def _is_number(x) -> bool:
+    try:
+        float(x)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def check_concurrent_sequences(workload: str, hardware: str, seq_len: int, answer: float,
+                               reserve_fraction: float = 0.10, block_size: int | None = 16,
+                               dtype: str = "fp16") -> Verdict:
+    """Chapter 2: how many ``seq_len``-token sequences' KV caches fit beside ``workload``'s
+    weights on one ``hardware`` chip, with ``reserve_fraction`` of memory kept for the runtime
+    and the cache paged in ``block_size``-token blocks (None: contiguous)."""
+    from . import kvcache, workloads
+
+    hw = _hardware(hardware)
+    config = workloads.build(workload, scale="full", device="meta").config
+    layout = kvcache.memory_layout(hw, kvcache.weight_bytes(workload, dtype),
+                                   kvcache.kv_bytes_per_token(config, dtype), reserve_fraction=reserve_fraction)
+    expected = layout.max_sequences(seq_len, block_size)
+    no_reserve = kvcache.memory_layout(hw, layout.weights, layout.kv_per_token, reserve_fraction=0.0)
+    near = {no_reserve.max_sequences(seq_len, block_size):
+            f"That ignores the runtime reserve ({reserve_fraction:.0%} of memory).",
+            int(layout.kv_budget // (layout.kv_per_token / 2 * seq_len)):
+            "That counts only K or only V per token."}
+    near.pop(expected, None)
+    return _exact(answer, expected, f"{workload} on {hw.name}: concurrent {seq_len}-token sequences", near)
+
+
+# ------------------------------------------------------------------------------- Chapter 3
+def check_missing_ops(workload: str, phase: str, answer, target: str = "onnx-opset18") -> Verdict:
+    """Chapter 3: the set of aten ops (packets, e.g. ``"aten.searchsorted"``) in ``workload``'s
+    ``phase`` (tiny scale, backward included for training phases) that ``target`` lacks."""
+    from . import gaps, targets
+
+    if isinstance(answer, str) or not hasattr(answer, "__iter__"):
+        return Verdict(False, f"answer with a collection of op names such as {{'aten.searchsorted'}}, got {answer!r}")
+    given = {a if str(a).startswith("aten.") else f"aten.{a}" for a in map(str, answer)}
+    expected = set(targets.missing_ops(gaps.trace_phase(workload, phase), target)["op"])
+    if given == expected:
+        return Verdict(True, f"{workload}:{phase} needs {len(expected)} op(s) {target} lacks: "
+                       f"{', '.join(sorted(expected))}")
+    parts = []
+    if expected - given:
+        lacking = sorted(expected - given)
+        parts.append(f"you missed {', '.join(lacking)}")
+        if any(o.endswith("_backward") for o in lacking):
+            parts.append("(a training phase also runs its backward ops)")
+    if given - expected:
+        parts.append(f"{', '.join(sorted(given - expected))} {'is' if len(given - expected) == 1 else 'are'} "
+                     f"either not run by this phase or covered by {target}")
+    return Verdict(False, f"{workload}:{phase}: " + "; ".join(parts))
+
+
+def check_runs_on_runtime(conv) -> Verdict:
+    """Chapter 3: does a :class:`cohw_utils.enabling.Conversion` run in onnxruntime with
+    numerical parity? When it does not, the message names the failure and the route to a fix."""
+    from . import enabling
+
+    if not isinstance(conv, enabling.Conversion):
+        return Verdict(False, f"pass the Conversion returned by enabling.convert() or enabling.fix(), "
+                       f"got {type(conv).__name__}")
+    name = f"{conv.workload}:{conv.phase} ({conv.dtype})"
+    if conv.ok:
+        p = conv.parity
+        return Verdict(True, f"{name} runs in onnxruntime: max |diff| {p.max_abs:.2g} within {p.tolerance}"
+                       + (f", after the fix '{conv.fix}'" if conv.fix else ""))
+    if conv.status == "mismatch":
+        return Verdict(False, f"{name} runs but misses parity: max |diff| {conv.parity.max_abs:.3g} "
+                       f"outside {conv.parity.tolerance}")
+    f = conv.failure
+    route = ("enabling.fix(conv) decomposes the op into ones the exporter knows" if enabling.fixable(conv)
+             else "no decomposition applies; enabling.offload() keeps that part in torch")
+    return Verdict(False, f"{name} failed at {f.stage} ({f.klass}{': ' + f.op if f.op else ''}); {route}")
+
+
+# ------------------------------------------------------------------------------- Chapter 4.1-4.2
+def check_mbu(workload: str, hardware: str, tokens_per_s: float, answer: float, dtype: str = "fp16",
+              context: int = 128) -> Verdict:
+    """Chapter 4.1-4.2: the MBU (a fraction, 0-1) of decoding ``workload`` at batch 1 and
+    ``tokens_per_s`` on ``hardware``: tokens/s x bytes per token (weights at ``dtype`` less
+    the embedding table, KV cache of ``context`` tokens in bf16) / the chip's peak bandwidth."""
+    from . import mbu
+
+    hw = _hardware(hardware)
+    bpt = mbu.bytes_per_token(workload, dtype, context)
+    expected = mbu.mbu(tokens_per_s, bpt, hw.mem_bw)
+    if _is_number(answer) and abs(float(answer) / (100 * expected) - 1) < 0.02:
+        return Verdict(False, f"that is MBU in percent ({float(answer):.1f}%); answer as a fraction "
+                       f"({expected:.3f})")
+    return compare(answer, expected, f"MBU of {workload} ({dtype}) at {tokens_per_s:g} tokens/s on {hw.name}")
+
+
+def check_decode_bound(workload: str, hardware: str, batch: int, answer: float, context: int = 2048,
+                       dtype: str = "fp16") -> Verdict:
+    """Chapter 4.1-4.2: the roofline bound on decode throughput (tokens/s summed over the
+    batch) of ``workload`` on ``hardware`` at ``batch`` and ``context``."""
+    from . import mbu
+
+    d = mbu.decode_bound(workload, _hardware(hardware), batch, context, dtype)
+    v = compare(answer, d["tokens_per_s"], f"{workload} decode bound on {hardware}, batch {batch}, "
+                f"context {context} ({d['bound']}-bound)")
+    if not v.ok and _is_number(answer) and abs(float(answer) / d["per_sequence_tokens_per_s"] - 1) < 0.02:
+        return Verdict(False, v.message + " That is the rate of one sequence; the batch's throughput "
+                       f"is {batch} times it.")
+    return v
+
+
+def check_max_batch(workload: str, hardware: str, context: int, answer: float, dtype: str = "fp16") -> Verdict:
+    """Chapter 4.1-4.2: the largest batch of ``context``-token sequences whose weights, KV
+    cache and activations (5% of memory) fit on one ``hardware`` chip."""
+    from . import memory
+
+    hw = _hardware(hardware)
+    expected = memory.max_batch(workload, hw, context, dtype)
+    near = {memory.max_batch(workload, hw, context, dtype, activation_fraction=0.0):
+            "That leaves nothing for activations (5% of memory here)."}
+    near.pop(expected, None)
+    return _exact(answer, expected, f"largest batch of {workload} at {context} tokens on {hw.name}", near)
+
+
+# ------------------------------------------------------------------------------- Chapter 4.3
+def check_ridge_point(hardware: str, dtype: str, answer: float) -> Verdict:
+    """Chapter 4.3: the ridge point (FLOP/byte) of ``hardware`` in ``dtype``: dense peak
+    FLOP/s / peak memory bandwidth. Ops with a lower arithmetic intensity are memory-bound."""
+    hw = _hardware(hardware)
+    expected = hw.peak(dtype) / hw.mem_bw
+    return compare(answer, expected, f"ridge point of {hw.name} in {dtype} (FLOP/byte)")
+
+
+def check_systolic_utilization(M: int, K: int, N: int, size: int, answer: float, dataflow: str = "ws") -> Verdict:
+    """Chapter 4.3: utilization (MACs / (size^2 x cycles), a fraction) of an M x K by K x N
+    GEMM on a ``size`` x ``size`` systolic array with ``dataflow`` (``"ws"`` or ``"os"``)."""
+    from . import systolic
+
+    expected = systolic.utilization(M, K, N, size, size, dataflow)
+    map_eff = systolic.mapping_efficiency(M, K, N, size, size, dataflow)
+    v = compare(answer, expected, f"utilization of {M}x{K}x{N} on a {size}x{size} {dataflow.upper()} array", 0.01)
+    if not v.ok and _is_number(answer) and abs(float(answer) / map_eff - 1) < 0.01 and map_eff != expected:
+        return Verdict(False, v.message + " That is the mapping efficiency alone: the fill and drain "
+                       "cycles of each fold also cost time.")
+    return v
+
+
+# ------------------------------------------------------------------------------- Chapter 4.2b
+def check_bits_per_weight(bits: int, group_size: int | None, in_features: int, answer: float,
+                          symmetric: bool | None = None) -> Verdict:
+    """Chapter 4.2b: storage bits per weight of ``bits``-bit codes with one fp16 scale (and,
+    when asymmetric, one ``bits``-bit zero point) per ``group_size`` weights (None: per row of
+    ``in_features``). Symmetric by default at 8 bits, asymmetric below (the book's defaults)."""
+    from . import quant
+
+    sch = quant.scheme(bits, group_size, symmetric)
+    expected = sch.bits_per_weight(in_features)
+    v = compare(answer, expected, f"bits per weight of {sch.name} on rows of {in_features}", 0.001)
+    if not v.ok and _is_number(answer) and float(answer) == bits:
+        return Verdict(False, v.message + " The scales (and zero points) are stored too.")
+    if not v.ok and _is_number(answer) and not sch.symmetric and abs(float(answer) - (bits + 16 / sch.group(in_features))) < 1e-9:
+        return Verdict(False, v.message + f" An asymmetric format also stores a {bits}-bit zero point per group.")
+    return v
+
+
+def check_weight_gb(workload: str, fmt: str, answer: float) -> Verdict:
+    """Chapter 4.2b: weight gigabytes (1e9 bytes) of ``workload`` with its decoder-block
+    linears in ``fmt`` (a key of :data:`cohw_utils.quant.SCALEUP_FORMATS`) and everything
+    else in fp16."""
+    from . import quant, workloads
+
+    model = workloads.build(workload, device="meta").model
+    mb = quant.model_bytes(model, fmt)
+    expected = mb["bytes"] / 1e9
+    v = compare(answer, expected, f"{workload} weights in {fmt} (GB)", 0.01)
+    if not v.ok and _is_number(answer):
+        bits = quant.SCALEUP_FORMATS[fmt](4096) if fmt in quant.SCALEUP_FORMATS else None
+        naive = mb["params"] * bits / 8 / 1e9 if bits else None
+        if naive and abs(float(answer) / naive - 1) < 0.01:
+            return Verdict(False, v.message + " The embedding, LM head and norms stay in fp16.")
+    return v
+
+
+# ------------------------------------------------------------------------------- Chapter 4.4
+def check_energy_ratio(answer: float, dtype: str = "fp32", level: str = "offchip", preset: str = "45nm") -> Verdict:
+    """Chapter 4.4: how many ``dtype`` multiply-accumulates cost the energy of moving one
+    ``dtype`` operand from ``level`` (``register``, ``local``, ``buffer``, ``offchip``) in
+    the ``preset`` energy table."""
+    from .dtypes import bytes_per_element
+    from .energy import EnergyTable
+
+    t = EnergyTable.load(preset)
+    if level not in t.byte_pj:
+        raise CohwError(f"unknown level {level!r}; levels: {', '.join(t.byte_pj)}")
+    expected = t.byte_pj[level] * bytes_per_element(dtype) / t.mac_pj(dtype)
+    v = compare(answer, expected, f"{dtype} MACs per {dtype} operand fetched from {level} ({t.name})", 0.03)
+    per_byte = t.byte_pj[level] / t.mac_pj(dtype)
+    if not v.ok and _is_number(answer) and abs(float(answer) / per_byte - 1) < 0.03:
+        return Verdict(False, v.message + f" That is per byte; one {dtype} operand is "
+                       f"{bytes_per_element(dtype):g} bytes.")
+    return v
+
+
+def check_decode_energy_per_token(workload: str, batch: int, answer: float, preset: str = "7nm-hbm2e",
+                                  hardware: str = "H100-SXM", seq_len: int = 2048) -> Verdict:
+    """Chapter 4.4: joules per generated token of ``workload``'s decode step at ``batch`` and
+    context ``seq_len`` (fp16) under the ``preset`` energy table, the default reuse model and
+    ``hardware``'s on-chip buffer."""
+    from .energy import EnergyTable, decode_batch_sweep
+
+    sweep = decode_batch_sweep(workload, [batch], EnergyTable.load(preset), hw=_hardware(hardware), seq_len=seq_len)
+    r = sweep.iloc[0]
+    v = compare(answer, float(r["J_per_token"]), f"{workload} decode energy per token at batch {batch} "
+                f"({preset}, {hardware})", 0.03)
+    if not v.ok and _is_number(answer) and abs(float(answer) / float(r["compute_J_per_token"]) - 1) < 0.03:
+        return Verdict(False, v.message + " That is the arithmetic alone; moving the bytes costs "
+                       f"{r['memory_share']:.0%} of the total.")
+    return v
