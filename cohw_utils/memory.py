@@ -217,9 +217,9 @@ def liveness(fn: Callable[..., Any], *args: Any, model: torch.nn.Module | None =
     if model is not None:
         # The tracer's module tracker names modules by their path under the model (and copes
         # with tensors that require grad but have no autograd node); reused, not duplicated.
-        from .trace import _PathTracker
+        from .trace import PathTracker
 
-        tracker = _PathTracker(model)
+        tracker = PathTracker(model)
     rec = _Recorder(storages, tracker)
     ctx = [tracker] if tracker is not None else []
     if fused_attention:

@@ -25,7 +25,7 @@ The counting semantics live in :mod:`cohw_utils.costs`. Two tracer-level choices
 
 * **Module attribution** uses torch's ``ModuleTracker`` (forward hooks, and multi-grad hooks
   for backward), so backward ops are attributed to the module whose forward created them;
-  shared modules are named by call path (see ``_PathTracker``).
+  shared modules are named by call path (see ``PathTracker``).
 * **Attention on ``meta``**: with no real kernel to pick, torch runs the *math* path of
   ``scaled_dot_product_attention`` on ``meta`` (explicit QK^T, mask, softmax, PV, with the
   T x T score matrix in memory). A GPU or CPU run uses a fused kernel instead. So that a
@@ -69,7 +69,7 @@ _SKIP = {
 }
 
 
-class _PathTracker(ModuleTracker):
+class PathTracker(ModuleTracker):
     """torch's ModuleTracker, naming modules by their path under a root and by call path.
 
     * **Names.** torch's tracker names a module by the first module it sees plus attribute
@@ -213,7 +213,7 @@ def _dtype_name(args: tuple, kwargs: dict, out: Any) -> str:
 class _Recorder(TorchDispatchMode):
     """Dispatch mode that executes each op and appends one row per op to ``rows``."""
 
-    def __init__(self, tracker: _PathTracker, phase: str, strict: bool):
+    def __init__(self, tracker: PathTracker, phase: str, strict: bool):
         super().__init__()
         self.tracker, self.phase, self.strict = tracker, phase, strict
         self.rows: list[tuple] = []
@@ -317,7 +317,7 @@ def trace(fn: Callable[..., Any], *args: Any, model: torch.nn.Module | None = No
     otherwise such ops are recorded with NaN costs and listed in ``table.attrs['uncosted']``
     (with the reason in ``table.attrs['rule_errors']`` when a rule exists but failed).
     """
-    tracker = _PathTracker(model)
+    tracker = PathTracker(model)
     recorder = _Recorder(tracker, phase, strict)
     attention = _FusedAttentionOnMeta(recorder) if fused_attention else None
     with tracker:
