@@ -26,6 +26,7 @@ does the best one come to the copy bandwidth?
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -81,7 +82,7 @@ def main() -> None:
     if not modes or set(modes) - {"eager", "compiled"}:
         ap.error(f"--modes takes eager and/or compiled, got {args.modes!r}")
     mbus: dict[str, list[float]] = {m: [] for m in modes}
-    for i, mode in ((i, m) for m in modes for i in range(args.runs)):
+    for mode, i in itertools.product(modes, range(args.runs)):
         run = mbu.mbu_benchmark(args.config, args.dtype, args.prompt_len, args.new_tokens, model=model,
                                 compiled=(mode == "compiled"))
         s = run.summary()

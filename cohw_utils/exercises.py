@@ -9,7 +9,7 @@ function names the chapter whose exercise it checks.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import CohwError
@@ -154,6 +154,14 @@ def _exact(answer: float, expected: int, what: str, near: Mapping[int, str]) -> 
     return Verdict(False, v.message + (" " + hint if hint else ""))
 
 
+def _is_number(x) -> bool:
+    try:
+        float(x)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def _hardware(name: str):
     from .hardware import get_hardware
 
@@ -176,14 +184,6 @@ def check_kv_exceeds_weights(workload: str, answer: float, batch: int = 1, dtype
                   f"outgrows the weights ({dtype})", near)
 
 
-def _is_number(x) -> bool:
-    try:
-        float(x)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
 def check_concurrent_sequences(workload: str, hardware: str, seq_len: int, answer: float,
                                reserve_fraction: float = 0.10, block_size: int | None = 16,
                                dtype: str = "fp16") -> Verdict:
@@ -200,7 +200,7 @@ def check_concurrent_sequences(workload: str, hardware: str, seq_len: int, answe
     no_reserve = kvcache.memory_layout(hw, layout.weights, layout.kv_per_token, reserve_fraction=0.0)
     near = {no_reserve.max_sequences(seq_len, block_size):
             f"That ignores the runtime reserve ({reserve_fraction:.0%} of memory).",
-            int(layout.kv_budget // (layout.kv_per_token / 2 * seq_len)):
+            replace(layout, kv_per_token=layout.kv_per_token / 2).max_sequences(seq_len, block_size):
             "That counts only K or only V per token."}
     near.pop(expected, None)
     return _exact(answer, expected, f"{workload} on {hw.name}: concurrent {seq_len}-token sequences", near)

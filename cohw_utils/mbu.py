@@ -284,6 +284,7 @@ def measure_decode(model: torch.nn.Module, prompt_len: int = 128, new_tokens: in
     step_times: list[float] = []
     tokens: list[int] = []
     forward = model
+    compile_options: Any = contextlib.nullcontext()
     kw: dict[str, Any] = {}
     total = prompt_len + warmup + new_tokens
     if compiled:
@@ -294,6 +295,9 @@ def measure_decode(model: torch.nn.Module, prompt_len: int = 128, new_tokens: in
         # a fresh compile per run: a graph frozen for one StaticCache must not serve another
         torch._dynamo.reset()
         forward = torch.compile(model.forward, dynamic=False)
+        from torch._inductor import config as inductor_config
+
+        compile_options = inductor_config.patch(freezing=True)
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, **kw)
     state["cache"] = kw.get(cache_kw) or getattr(out, "cache", None) or out.past_key_values
@@ -313,9 +317,7 @@ def measure_decode(model: torch.nn.Module, prompt_len: int = 128, new_tokens: in
         state["ctx"] += 1
         step_times.append(time.perf_counter() - t0)
 
-    from torch._inductor import config as inductor_config
-
-    with inductor_config.patch(freezing=True) if compiled else contextlib.nullcontext():
+    with compile_options:
         timing = time_callable(step, repeats=new_tokens, warmup=warmup, device=str(device))
     dtype = next(model.parameters()).dtype
     kv = workloads.kv_cache_bytes_per_token(cfg, int(bytes_per_element(dtype)))
