@@ -1,6 +1,6 @@
 """Benchmark: fusion of bandwidth-bound chains, eager vs torch.compile, with the allocator stated.
 
-Prints, per chain of :data:`cohw_utils.fusion.CHAINS`: eager time with glibc's default malloc
+Prints, per chain of :data:`cohw_utils.studies.performance.fusion.CHAINS`: eager time with glibc's default malloc
 (measured in a fresh process), eager and compiled time with the retaining allocator
 (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, 2**31-1)``), the speedup, bytes before
 (eager op table) and after (the compiled graph's inputs, outputs and buffers), and the fused

@@ -4,8 +4,8 @@ Prints the ladder beside the paper's table and the benchmark figure: the top run
 % of this machine's probed GEMM peak in its dtype (target: >= 50%; the paper's top rung
 reached 40.45% of its spec-sheet peak). Asserts nothing (performance targets are not tests).
 
-Method: :mod:`cohw_utils.matmul_ladder` (each rung at its own size, scaled to 4096 by n^3;
-rate = best of ``--repeats`` calls after one warm-up; peaks from :func:`cohw_utils.probe.probe_host`,
+Method: :mod:`cohw_utils.studies.performance.matmul_ladder` (each rung at its own size, scaled to 4096 by n^3;
+rate = best of ``--repeats`` calls after one warm-up; peaks from :func:`cohw_utils.hardware.probe.probe_host`,
 cached). The load average is printed: other processes on the cores lower every rate.
 
     python benchmarks/bench_matmul_ladder.py [--quick] [--repeats 3] [--compiled-n 1536]

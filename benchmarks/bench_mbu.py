@@ -3,7 +3,7 @@
 Prints figures; asserts nothing (performance targets are not timed tests). Target from the
 Chapter 4 issue: MBU at least 60% of the streaming bandwidth probed in the same session.
 
-Method (cohw_utils.mbu): the model is TinyLlama-1.1B's architecture (22 layers, hidden 2048,
+Method (cohw_utils.studies.performance.mbu): the model is TinyLlama-1.1B's architecture (22 layers, hidden 2048,
 GQA with 4 KV heads; ``data/configs/tinyllama-1.1b``) with seeded random weights, 2.07 GB in
 bf16: 60x the 32 MiB last-level cache, so every decode step streams its weights from DRAM.
 Each run: (1) streaming bandwidth now (the probe's copy and add kernels on 256 MiB arrays;
@@ -16,7 +16,7 @@ MBU = bytes per token x tokens/s (median step time) / bandwidth measured right b
 matrix in the same dtype, which splits the MBU gap into kernel and everything else.
 ``--runs`` repeats the whole run on the same model, to show the spread between runs.
 Each run is made in each ``--modes`` entry: eager PyTorch, and compiled as gpt-fast does it
-(static KV cache, ``torch.compile`` with inductor freezing; :func:`cohw_utils.mbu.measure_decode`).
+(static KV cache, ``torch.compile`` with inductor freezing; :func:`cohw_utils.studies.performance.mbu.measure_decode`).
 (5) Other GEMV kernels on the same fp32 matrix (numpy's BLAS sgemv; a torch.compile'd
 multiply-and-reduce): is a better kernel than torch's available on this machine, and how close
 does the best one come to the copy bandwidth?
@@ -34,14 +34,15 @@ import time
 import numpy as np
 import torch
 
-from cohw_utils import mbu, probe
-from cohw_utils.measure import time_callable
-from cohw_utils.probe import cpu_model
+from cohw_utils.studies.performance import mbu
+from cohw_utils.hardware import probe
+from cohw_utils.spine.measure import time_callable
+from cohw_utils.hardware.probe import cpu_model
 
 
 def gemv_kernels(repeats: int = 10) -> dict[str, float]:
     """Best streaming rate (bytes/s) of three fp32 GEMV kernels on one matrix >= 8x the LLC
-    and >= 256 MiB (the size of :func:`cohw_utils.mbu.measure_gemv_bandwidth`): torch's
+    and >= 256 MiB (the size of :func:`cohw_utils.studies.performance.mbu.measure_gemv_bandwidth`): torch's
     ``F.linear``, numpy's ``@`` (its BLAS sgemv) and ``torch.compile`` of ``(w * x).sum(-1)``.
     Benchmark-only: no chapter needs these kernels, only the comparison."""
     llc, _ = probe.detect_llc()

@@ -2,14 +2,14 @@
 
 Prints figures; asserts nothing (performance numbers are not timed tests).
 
-1. **Kernel ladder** (:func:`cohw_utils.quant.gemv_ladder`): one token (``x`` of shape 1 x K)
+1. **Kernel ladder** (:func:`cohw_utils.studies.quantization.quant.gemv_ladder`): one token (``x`` of shape 1 x K)
    through ``--layers`` distinct N x K weights (default 4 x 11008 x 4096, a Llama-2-7B
    gate/up projection: the int4 copies alone exceed a 32 MB last-level cache) in fp32, bf16,
    int8 per-channel (``torch._weight_int8pack_mm`` and dequantize-then-matmul), int4 g128
    (``_weight_int4pack_mm_for_cpu`` and dequantize-then-matmul) and GGUF Q4_0 (int4pack).
    Each row: packed weight bytes read per token, median/min/max time over ``--repeats`` calls
-   after 2 warm-ups (``cohw_utils.measure.time_callable``), GB/s, and MBU against the host's
-   probed stream bandwidth (``cohw_utils.probe``; ``--quick`` uses the quick probe).
+   after 2 warm-ups (``cohw_utils.spine.measure.time_callable``), GB/s, and MBU against the host's
+   probed stream bandwidth (``cohw_utils.hardware.probe``; ``--quick`` uses the quick probe).
 2. **Quantization cost**: wall time of RTN, GPTQ and AWQ's 20-point scale search, int4 g128,
    on one ``--cost-n`` x ``--cost-k`` weight (default 4096 x 4096, a Llama-2-7B attention
    projection) with the Hessian of 4096 random inputs (per-layer algorithm cost only;
@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from cohw_utils import quant
-from cohw_utils.gptq import gptq_quantize
-from cohw_utils.probe import host_hardware
+from cohw_utils.studies.quantization import quant
+from cohw_utils.studies.quantization.gptq import gptq_quantize
+from cohw_utils.hardware.probe import host_hardware
 
 
 def main() -> None:

@@ -21,8 +21,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cohw_utils import summary, workloads
-from cohw_utils.trace import trace
+from cohw_utils.spine import optable as summary
+from cohw_utils import workloads
+from cohw_utils.spine.trace import trace
 
 
 def timed(fn, repeats: int) -> list[float]:

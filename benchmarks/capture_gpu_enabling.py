@@ -6,7 +6,7 @@ Usage (on a machine with a CUDA GPU)::
     python benchmarks/capture_gpu_enabling.py --workloads llama-2-7b vit-b-16 --dtype fp32 --repeats 50
 
 Each inference phase is built at tiny scale (the chapter's sizes, seeded random weights) on
-``cuda`` and timed with :func:`cohw_utils.measure.time_callable` (CUDA-synchronised) in eager
+``cuda`` and timed with :func:`cohw_utils.spine.measure.time_callable` (CUDA-synchronised) in eager
 mode and under ``torch.compile`` (inductor, cold cache; the first call's time is recorded as
 ``prepare_s``). onnxruntime is timed when its CUDA execution provider is installed
 (``pip install onnxruntime-gpu==1.32.0`` in place of ``onnxruntime``): the phase is exported on
@@ -16,7 +16,7 @@ the provider is missing, the file says so and has no onnxruntime rows. Training 
 out (they do not export; see the chapter).
 
 Writes ``cohw_utils/data/gpu/enabling.json``: ``device``, ``versions``, ``date``, ``method``,
-``onnxruntime_cuda`` and ``rows`` (the columns of :func:`cohw_utils.enabling.latency_table`).
+``onnxruntime_cuda`` and ``rows`` (the columns of :func:`cohw_utils.studies.enabling.enabling.latency_table`).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": dev,
         "versions": {**enabling.versions(), "cuda": torch.version.cuda, "python": sys.version.split()[0]},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "method": (f"tiny-scale phases in {a.dtype}; cohw_utils.measure.time_callable, median of {a.repeats} "
+        "method": (f"tiny-scale phases in {a.dtype}; cohw_utils.spine.measure.time_callable, median of {a.repeats} "
                    f"calls after {a.warmup} warm-up, inputs rebuilt untimed before each call; torch.compile "
                    "with a cold inductor cache; onnxruntime session.run with numpy I/O"),
         "onnxruntime_cuda": cuda_ep,

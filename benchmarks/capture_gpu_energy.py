@@ -14,7 +14,7 @@ downloaded): energy depends on shapes and dtypes, not on trained values.
 
 Method: idle board power is averaged over ``--idle-s`` seconds; then for each measurement
 ``--warmup`` untimed calls, then ``--windows`` windows of ``--repeats`` calls, each between two
-NVML readings (:func:`cohw_utils.power.measure_energy`: median per call, with min and max). A
+NVML readings (:func:`cohw_utils.hardware.power_meters.measure_energy`: median per call, with min and max). A
 decode step extends the KV cache by one token per call, so the context grows from ``seq_len``
 to ``seq_len + warmup + windows x repeats`` (stated in the file). With no GPU or no NVML the script prints why and writes nothing.
 """
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from cohw_utils import power, workloads  # noqa: E402
-from cohw_utils.errors import CohwError  # noqa: E402
+from cohw_utils.core.errors import CohwError  # noqa: E402
 
 DEFAULT_OUT = ROOT / "cohw_utils" / "data" / "gpu" / "energy.json"
 

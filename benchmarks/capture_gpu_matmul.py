@@ -12,11 +12,11 @@ the matching ``hardware.csv`` row (when the device name matches one, e.g. "H100"
 or H100-PCIe by memory size) and utilization = rate / peak. The chapter shows the file beside
 the live CPU sweep when it exists.
 
-Method: :func:`cohw_utils.matmul_dtypes.sweep` on ``cuda``: fp32 (``allow_tf32`` off), tf32
+Method: :func:`cohw_utils.studies.performance.matmul_dtypes.sweep` on ``cuda``: fp32 (``allow_tf32`` off), tf32
 (fp32 inputs, ``allow_tf32`` on), bf16, fp16, int8 (``torch._int_mm``) and fp8
 (``torch._scaled_mm`` with e4m3 inputs, unit scales, bf16 output) where the GPU and torch
 support them; each shape gets ``--warmup`` untimed calls and ``--repeats`` timed calls, each
-bracketed by ``torch.cuda.synchronize()`` (:func:`cohw_utils.measure.time_callable`). A dtype
+bracketed by ``torch.cuda.synchronize()`` (:func:`cohw_utils.spine.measure.time_callable`). A dtype
 the device cannot run is recorded with the reason. With no GPU the script prints why and
 writes nothing.
 """

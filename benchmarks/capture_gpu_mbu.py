@@ -7,9 +7,9 @@ with an NVIDIA GPU (no network needed: the weights are random)::
 
 Method: Llama-2-7B's architecture (``data/configs/llama-2-7b``) with seeded random fp16
 weights on the GPU (13.5 GB; needs a 24 GB card or larger), built by
-``cohw_utils.mbu.build_random_llm``; bandwidth = a device-to-device copy of a 2 GiB buffer
+``cohw_utils.studies.performance.mbu.build_random_llm``; bandwidth = a device-to-device copy of a 2 GiB buffer
 (counted 2 x bytes), best of 20, timed with CUDA events, before and after the decode run;
-decode = ``cohw_utils.mbu.measure_decode`` (eager transformers, greedy, one CUDA-synchronised
+decode = ``cohw_utils.studies.performance.mbu.measure_decode`` (eager transformers, greedy, one CUDA-synchronised
 timing sample per token). MBU is reported against the spec-sheet bandwidth of the matching
 ``hardware.csv`` row and against the measured copy bandwidth. Eager decoding launches a few
 hundred kernels per token, so on a fast GPU it is partly launch-bound: the MBU here is that

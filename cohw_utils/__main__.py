@@ -1,6 +1,6 @@
 """``python -m cohw_utils``: see :mod:`cohw_utils.cli`."""
 import sys
 
-from .cli import main
+from cohw_utils.cli import main
 
 sys.exit(main())

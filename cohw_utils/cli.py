@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Sequence
 
-from .errors import CohwError
+from cohw_utils.core.errors import CohwError
 
 EXIT_BAD_INPUT = 2
 
@@ -95,10 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "list":
-            from .workloads import list_workloads
+            from cohw_utils.workloads import list_workloads
             print(list_workloads().to_string(index=False))
             return 0
-        from .analyze import analyze
+        from cohw_utils.spine.analyze import analyze
         result = analyze(args.workload, args.phase, batch=args.batch, seq_len=args.seq_len,
                          dtype=args.dtype, scale=args.scale, device=args.device, strict=args.strict)
     except CohwError as err:

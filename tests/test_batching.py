@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cohw_utils import batching
-from cohw_utils.errors import CohwError
+from cohw_utils.studies.performance import batching
+from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import get_hardware
 
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cohw_utils import cli, summary, workloads
-from cohw_utils.analyze import analyze
-from cohw_utils.errors import CohwError, UnknownWorkloadError
-from cohw_utils.trace import trace
+from cohw_utils import cli
+from cohw_utils.spine import optable as summary
+from cohw_utils import workloads
+from cohw_utils.spine.analyze import analyze
+from cohw_utils.core.errors import CohwError, UnknownWorkloadError
+from cohw_utils.spine.trace import trace
 
 
 def test_llama2_13b_prefill_contraction_flops_exact():

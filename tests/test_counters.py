@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cohw_utils import counters
-from cohw_utils.errors import CohwError
+from cohw_utils.studies.performance import counter_comparison as counters
+from cohw_utils.core.errors import CohwError
 
 LINEAR = 2 * 8 * 64 * 64            # Linear(64, 64) on (8, 64): FLOPs = 2 x MACs
 SDPA = 4 * 1 * 2 * 16 * 16 * 8      # 4 B H Tq Tk D, causal or not

@@ -8,11 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cohw_utils import design, energy, roofline
-from cohw_utils.analyze import Analysis, analyze
-from cohw_utils.errors import CohwError
+from cohw_utils.studies.codesign import design
+from cohw_utils.views import energy_model as energy
+from cohw_utils.views import roofline
+from cohw_utils.spine.analyze import Analysis, analyze
+from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import get_hardware
-from cohw_utils.trace import COLUMNS
+from cohw_utils.spine.trace import COLUMNS
 
 H100 = get_hardware("H100-SXM")
 TABLE = energy.EnergyTable.load("7nm-hbm2e")
@@ -76,7 +78,7 @@ def test_sweep_equals_per_op_path_on_varied_designs(decode, vit, quantize):
         design.sram_only(sram_gb=2.0),
     ]
     try:
-        import cohw_utils.systolic  # noqa: F401
+        import cohw_utils.views.systolic  # noqa: F401
         designs.append(design.make_accelerator("array", 1000, hbm_gb=80, hbm_tbs=3, sram_mb=64, matrix_unit=(128, 128)))
     except ImportError:
         pass
@@ -92,7 +94,7 @@ def test_sweep_equals_per_op_path_on_varied_designs(decode, vit, quantize):
 
 
 def test_matrix_unit_slows_small_m_contractions(decode):
-    pytest.importorskip("cohw_utils.systolic")
+    pytest.importorskip("cohw_utils.views.systolic")
     p = design.prepare(decode)
     ideal = design.make_accelerator("ideal", 1000, 80, 3.35, 50)
     array = ideal.replace(name="128x128", matrix_unit=(128, 128))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cohw_utils import enabling
-from cohw_utils.enabling import TOLERANCES, Failure, _compare, classify_failure, flatten
-from cohw_utils.errors import CohwError
+from cohw_utils.studies.enabling import enabling
+from cohw_utils.studies.enabling.enabling import TOLERANCES, Failure, _compare, classify_failure, flatten
+from cohw_utils.core.errors import CohwError
 
 
 # ------------------------------------------------------------------------------ flatten

@@ -10,11 +10,12 @@ import torch
 import torch.nn as nn
 from matplotlib.figure import Figure
 
-from cohw_utils import energy, roofline
-from cohw_utils.analyze import analyze
-from cohw_utils.errors import CohwError
+from cohw_utils.views import energy_model as energy
+from cohw_utils.views import roofline
+from cohw_utils.spine.analyze import analyze
+from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import Hardware, get_hardware
-from cohw_utils.trace import trace
+from cohw_utils.spine.trace import trace
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = energy.load_energy_data()

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from cohw_utils import exercises as ex
-from cohw_utils.errors import CohwError
+from cohw_utils.book import exercises as ex
+from cohw_utils.core.errors import CohwError
 
 
 def test_compare_hints_common_mistakes():
@@ -29,7 +29,7 @@ def test_kv_bytes_check():
 
 
 def test_decode_flops_check_explains_the_rule_of_thumb():
-    from cohw_utils.analyze import analyze
+    from cohw_utils.spine.analyze import analyze
 
     a = analyze("llama-2-7b", "decode", seq_len=4096)  # attention over 4096 tokens: +16%
     assert ex.check_decode_flops_per_token("llama-2-7b", a.totals()["flops"])
@@ -81,7 +81,7 @@ def test_missing_ops_check():
 
 
 def test_runs_on_runtime_check():
-    from cohw_utils import enabling
+    from cohw_utils.studies.enabling import enabling
 
     conv = enabling.convert("vanilla-nerf", "render")
     v = ex.check_runs_on_runtime(conv)
@@ -99,7 +99,7 @@ def test_mbu_check():
 
 
 def test_decode_bound_and_max_batch_checks():
-    from cohw_utils import mbu
+    from cohw_utils.studies.performance import mbu
     from cohw_utils.hardware import get_hardware
 
     d = mbu.decode_bound("llama-2-7b", get_hardware("H100-SXM"), 8, 2048)
@@ -117,7 +117,7 @@ def test_ridge_and_systolic_checks():
     assert not ex.check_ridge_point("A100-80GB", "bf16", 19.5e12 / 2039e9)  # the fp32 (non-tensor-core) peak
     # the cycle model itself is pinned against hand-derived cycles in test_systolic; here only
     # that the check follows it: a decode GEMV leaves a 128x128 array almost idle
-    from cohw_utils import systolic
+    from cohw_utils.views import systolic
 
     u = systolic.utilization(1, 4096, 11008, 128, 128, "ws")
     assert u < 0.01
@@ -132,7 +132,8 @@ def test_quant_checks():
     v = ex.check_bits_per_weight(4, 128, 4096, 4)
     assert not v and "scales" in v.message
     assert ex.check_bits_per_weight(8, None, 4096, 8 + 16 / 4096)  # int8 symmetric, per channel
-    from cohw_utils import quant, workloads
+    from cohw_utils.studies.quantization import quant
+    from cohw_utils import workloads
 
     model = workloads.build("llama-2-70b", device="meta").model
     gb = quant.model_bytes(model, "Q4_0")["bytes"] / 1e9
@@ -149,7 +150,7 @@ def test_energy_checks():
     assert not v and "per byte" in v.message
     with pytest.raises(CohwError, match="levels"):
         ex.check_energy_ratio(1, level="disk")
-    from cohw_utils.energy import EnergyTable, decode_batch_sweep
+    from cohw_utils.views.energy_model import EnergyTable, decode_batch_sweep
     from cohw_utils.hardware import get_hardware
 
     r = decode_batch_sweep("llama-2-7b", [4], EnergyTable.load("7nm-hbm2e"), hw=get_hardware("H100-SXM")).iloc[0]

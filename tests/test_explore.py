@@ -7,8 +7,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytest
 
-from cohw_utils.errors import CohwError
-from cohw_utils.explore import explore
+from cohw_utils.core.errors import CohwError
+from cohw_utils.book.explore import explore
 
 
 def draw(n=1, kind="a"):

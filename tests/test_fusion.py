@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cohw_utils import fusion
-from cohw_utils.errors import CohwError
+from cohw_utils.studies.performance import fusion
+from cohw_utils.core.errors import CohwError
 
 
 def test_bytes_before_is_the_unfused_count():

@@ -8,8 +8,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from cohw_utils import enabling, gaps, workloads
-from cohw_utils.errors import CohwError
+from cohw_utils.studies.enabling import enabling
+from cohw_utils.studies.enabling import gap_report as gaps
+from cohw_utils import workloads
+from cohw_utils.core.errors import CohwError
 
 
 # ------------------------------------------------------------------------------ formats

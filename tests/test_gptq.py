@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cohw_utils.errors import CohwError
-from cohw_utils.gptq import gptq_lm, gptq_quantize, obq_reference
-from cohw_utils.quant import Scheme, block_linears, quantize_rtn, scheme
+from cohw_utils.core.errors import CohwError
+from cohw_utils.studies.quantization.gptq import gptq_lm, gptq_quantize, obq_reference
+from cohw_utils.studies.quantization.quant import Scheme, block_linears, quantize_rtn, scheme
 
 
 def _correlated_h(k: int, n: int = 2000, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -82,7 +82,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_gptq_lm_quantizes_every_block_linear_sequentially():
-    from cohw_utils.tinylm import TinyLMConfig, make_model
+    from cohw_utils.studies.quantization.tinylm import TinyLMConfig, make_model
 
     model = make_model(TinyLMConfig(vocab_size=320, hidden_size=64, intermediate_size=128,
                                     num_hidden_layers=2, num_attention_heads=2))

@@ -1,4 +1,4 @@
-"""Tests for cohw_utils.hardware (the cited spec table) and cohw_utils.probe (this machine)."""
+"""Tests for cohw_utils.hardware (the cited spec table) and cohw_utils.hardware.probe (this machine)."""
 from __future__ import annotations
 
 import csv
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from cohw_utils import probe
-from cohw_utils.errors import CohwError, HardwareError
+from cohw_utils.hardware import probe
+from cohw_utils.core.errors import CohwError, HardwareError
 from cohw_utils.hardware import (
     DTYPES,
     Hardware,

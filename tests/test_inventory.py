@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 from matplotlib.figure import Figure
 
-from cohw_utils import inventory
-from cohw_utils.trace import trace
+from cohw_utils.studies.architecture import inventory
+from cohw_utils.spine.trace import trace
 from cohw_utils.hardware import Hardware, get_hardware
 
 # A made-up chip with round numbers: fp32 ridge = 1e10 / 1e9 = 10 FLOP/B.

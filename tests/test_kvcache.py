@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from cohw_utils import kvcache
-from cohw_utils.errors import CohwError, ConfigError
+from cohw_utils.views import kvcache
+from cohw_utils.core.errors import CohwError, ConfigError
 from cohw_utils.hardware import get_hardware
 
 # Published config.json values (only the fields that size the cache, plus model_type).

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cohw_utils import matmul_dtypes as md
-from cohw_utils.errors import CohwError
+from cohw_utils.studies.performance import matmul_dtypes as md
+from cohw_utils.core.errors import CohwError
 
 SHAPES = [("square 64", 64, 64, 64), ("LLM M=1", 1, 256, 256)]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cohw_utils import matmul_ladder as ml
-from cohw_utils.errors import CohwError
+from cohw_utils.studies.performance import matmul_ladder as ml
+from cohw_utils.core.errors import CohwError
 
 PEAKS = {"fp32": 2e11, "bf16": 8e11}
 

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from cohw_utils import mbu, workloads
-from cohw_utils.errors import CohwError
+from cohw_utils.studies.performance import mbu
+from cohw_utils import workloads
+from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import get_hardware
 
 LLAMA7B_PARAMS = 6_738_415_616

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cohw_utils.errors import CohwError
-from cohw_utils.measure import profile_ops, time_callable
+from cohw_utils.core.errors import CohwError
+from cohw_utils.spine.measure import profile_ops, time_callable
 
 
 def test_time_callable_statistics_and_method():

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cohw_utils import memory, workloads
+from cohw_utils.studies.performance import memory
+from cohw_utils import workloads
 from cohw_utils.hardware import get_hardware
 
 

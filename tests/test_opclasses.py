@@ -5,9 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cohw_utils import opclasses, summary
-from cohw_utils.errors import CohwError
-from cohw_utils.trace import trace
+from cohw_utils.studies.performance import opclasses
+from cohw_utils.spine import optable as summary
+from cohw_utils.core.errors import CohwError
+from cohw_utils.spine.trace import trace
 
 
 def test_paper_table_values():

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from cohw_utils import paging
-from cohw_utils.errors import CohwError
+from cohw_utils.studies.performance import paging
+from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import get_hardware
 
 import pandas as pd

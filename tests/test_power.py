@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cohw_utils import power
-from cohw_utils.errors import CohwError
+from cohw_utils.hardware import power_meters as power
+from cohw_utils.core.errors import CohwError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,11 @@ matplotlib.use("Agg")
 import pytest
 import torch
 
-from cohw_utils import plotting, priority, proxies
-from cohw_utils.device import resolve_device
-from cohw_utils.errors import CohwError
+from cohw_utils.book import plotting
+from cohw_utils.studies.proxies import ranking as priority
+from cohw_utils.studies.proxies import proxy_set as proxies
+from cohw_utils.core.device import resolve_device
+from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import get_hardware
 
 

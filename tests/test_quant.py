@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cohw_utils import quant
-from cohw_utils.errors import CohwError
-from cohw_utils.quant import QuantLinear, Scheme, gguf_quantize, quantize_rtn, scheme
+from cohw_utils.studies.quantization import quant
+from cohw_utils.core.errors import CohwError
+from cohw_utils.studies.quantization.quant import QuantLinear, Scheme, gguf_quantize, quantize_rtn, scheme
 
 
 def _w(n=64, k=256, seed=0):
@@ -89,7 +89,7 @@ def test_gguf_blocks_match_llama_cpp_layout_and_dequantization(qtype, block_byte
 
 
 def _tiny_model(layers=2):
-    from cohw_utils.tinylm import TinyLMConfig, make_model
+    from cohw_utils.studies.quantization.tinylm import TinyLMConfig, make_model
 
     return make_model(TinyLMConfig(vocab_size=320, hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=layers, num_attention_heads=2))

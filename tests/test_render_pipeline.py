@@ -6,8 +6,8 @@ import warnings
 import pytest
 from matplotlib.figure import Figure
 
-from cohw_utils import inventory
-from cohw_utils import render_pipeline as rp
+from cohw_utils.studies.architecture import inventory
+from cohw_utils.studies.architecture import render_pipeline as rp
 from cohw_utils.hardware import get_hardware
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # nerfstudio's torch.cuda.amp decorators

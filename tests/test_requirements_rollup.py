@@ -5,10 +5,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from cohw_utils import design, energy
-from cohw_utils import requirements_rollup as rr
-from cohw_utils.analyze import analyze
-from cohw_utils.errors import CohwError
+from cohw_utils.studies.codesign import design
+from cohw_utils.views import energy_model as energy
+from cohw_utils.studies.codesign import requirements as rr
+from cohw_utils.spine.analyze import analyze
+from cohw_utils.core.errors import CohwError
 
 
 def _gains() -> pd.DataFrame:
@@ -71,7 +72,7 @@ def nerf_phases():
 
 def test_software_gaps_from_the_target(nerf_phases):
     if not rr.available_sources()["targets"]:
-        pytest.skip("cohw_utils.targets is not importable")
+        pytest.skip("cohw_utils.views.target_coverage is not importable")
     sw = rr.software_gaps(nerf_phases)
     render = sw[sw.phase == "nerfacto:render"]
     assert "aten.searchsorted" in set(render["op"])                  # no ONNX SearchSorted operator

@@ -8,11 +8,11 @@ import torch
 import torch.nn as nn
 from matplotlib.figure import Figure
 
-from cohw_utils import roofline
-from cohw_utils.errors import CohwError
+from cohw_utils.views import roofline
+from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import Hardware, get_hardware
-from cohw_utils.roofline import EfficiencyModel
-from cohw_utils.trace import trace
+from cohw_utils.views.roofline import EfficiencyModel
+from cohw_utils.spine.trace import trace
 
 # Round numbers so every time is hand-checkable: fp32 ridge = 10 FLOP/B.
 CHIP = Hardware(name="toy", vendor="-", year=None, mem_bw=1e9, mem_bytes=None, llc_bytes=None,

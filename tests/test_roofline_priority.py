@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cohw_utils import priority, roofline
-from cohw_utils.errors import CohwError
+from cohw_utils.studies.proxies import ranking as priority
+from cohw_utils.views import roofline
+from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import Hardware
-from cohw_utils.trace import trace
+from cohw_utils.spine.trace import trace
 
 # A made-up chip with round numbers so every time below is hand-checkable.
 CHIP = Hardware(name="toy", vendor="-", year=None, mem_bw=1e9, mem_bytes=None, llc_bytes=None,

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cohw_utils import systolic
-from cohw_utils.errors import CohwError
-from cohw_utils.trace import trace
+from cohw_utils.views import systolic
+from cohw_utils.core.errors import CohwError
+from cohw_utils.spine.trace import trace
 
 
 @pytest.mark.parametrize("M,K,N,R,C,df,hand", [

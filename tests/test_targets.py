@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cohw_utils import inventory, targets
-from cohw_utils.errors import CohwError
-from cohw_utils.trace import trace
+from cohw_utils.studies.architecture import inventory
+from cohw_utils.views import target_coverage as targets
+from cohw_utils.core.errors import CohwError
+from cohw_utils.spine.trace import trace
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # nerfstudio's torch.cuda.amp decorators
 
@@ -76,7 +77,7 @@ def test_shipped_target_matches_the_installed_exporter():
     shipped = targets.target_ops_table(ONNX)
     derived = targets.derive_onnx_export_ops()
     assert shipped.values.tolist() == derived.values.tolist(), \
-        "rerun `python -m cohw_utils.targets` and commit the CSV"
+        "rerun `python -m cohw_utils.views.target_coverage` and commit the CSV"
 
 
 def _toy_table() -> pd.DataFrame:

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from cohw_utils import tinylm
-from cohw_utils.errors import CohwError
-from cohw_utils.tinylm import TinyLMConfig
+from cohw_utils.studies.quantization import tinylm
+from cohw_utils.core.errors import CohwError
+from cohw_utils.studies.quantization.tinylm import TinyLMConfig
 
 
 def test_corpus_split_is_by_file_every_tenth_in_sorted_order():

@@ -9,9 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from cohw_utils import costs, summary
-from cohw_utils.errors import UncostedOpError
-from cohw_utils.trace import COLUMNS, trace
+from cohw_utils.spine import costs
+from cohw_utils.spine import optable as summary
+from cohw_utils.core.errors import UncostedOpError
+from cohw_utils.spine.trace import COLUMNS, trace
 
 
 def rows(table, op_prefix):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cohw_utils import workloads as W
-from cohw_utils.errors import CohwError, ConfigError, UnknownWorkloadError
+from cohw_utils.core.errors import CohwError, ConfigError, UnknownWorkloadError
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # nerfstudio's torch.cuda.amp decorators
 

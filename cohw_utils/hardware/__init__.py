@@ -1,0 +1,14 @@
+"""Layer ``hardware``: what the machines are.
+
+Accelerator specs as a cited data file (:mod:`~cohw_utils.hardware.specs`), this machine
+measured (:mod:`~cohw_utils.hardware.probe`), lookup by name (:mod:`~cohw_utils.hardware.catalog`)
+and the energy meters the hardware exposes (:mod:`~cohw_utils.hardware.power_meters`, RAPL and
+NVML). Imports only ``core``.
+
+Public API: :class:`Hardware`, :func:`get_hardware` (``'host'`` = this machine),
+:func:`load_hardware`, :func:`hardware_table`, :func:`dtype_key`, :data:`DTYPES`.
+"""
+from cohw_utils.hardware.catalog import get_hardware, hardware_table
+from cohw_utils.hardware.specs import DTYPES, Hardware, dtype_key, load_hardware
+
+__all__ = ["DTYPES", "Hardware", "dtype_key", "get_hardware", "hardware_table", "load_hardware"]

@@ -1,0 +1,86 @@
+"""Summary views of an op table: totals, operator classes, ops and modules.
+
+Every function takes an op table from :func:`cohw_utils.spine.trace.trace` and returns numbers or
+a small DataFrame; none traces again. ``view`` rows (metadata-only ops) cost nothing and are
+left out of op counts. "Bytes moved" = bytes read + bytes written under the unfused-eager
+semantics of :mod:`cohw_utils.spine.costs`.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from cohw_utils.spine.costs import OP_CLASSES, VIEW
+
+_SUMS = ["flops", "macs", "bytes_read", "bytes_written"]
+
+
+def bytes_moved(table: pd.DataFrame) -> pd.Series:
+    """Bytes each row moves: ``bytes_read + bytes_written`` (the one definition; 0 where a row
+    has no bytes). Sum it for a table's total."""
+    return (table["bytes_read"] + table["bytes_written"]).fillna(0)
+
+
+def with_bytes_moved(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with a ``bytes_moved`` column added (see :func:`bytes_moved`)."""
+    return table.assign(bytes_moved=bytes_moved(table))
+
+
+def totals(table: pd.DataFrame) -> dict[str, float]:
+    """Whole-table totals: FLOPs, MACs, bytes read/written/moved, intensity, op counts.
+
+    ``uncosted_ops`` counts executed ops with no cost rule (their costs are excluded from the
+    sums, and listed by name in ``table.attrs['uncosted']``).
+    """
+    costed = table[table["costed"]]
+    out = {k: int(costed[k].sum()) for k in _SUMS}
+    out["bytes_moved"] = out["bytes_read"] + out["bytes_written"]
+    out["intensity"] = out["flops"] / out["bytes_moved"] if out["bytes_moved"] else float("nan")
+    out["contraction_flops"] = int(costed.loc[costed["op_class"] == "contraction", "flops"].sum())
+    out["ops"] = int((table["op_class"] != VIEW).sum())
+    out["uncosted_ops"] = int((~table["costed"]).sum())
+    return out
+
+
+def by_class(table: pd.DataFrame) -> pd.DataFrame:
+    """Per operator class: op count, FLOPs, bytes moved, and each as a % of the total."""
+    t = table[table["costed"]].pipe(with_bytes_moved)
+    g = t.groupby("op_class").agg(ops=("op", "size"), flops=("flops", "sum"),
+                                  macs=("macs", "sum"), bytes_moved=("bytes_moved", "sum"))
+    g = g.reindex([c for c in OP_CLASSES if c in g.index])
+    for col in ("flops", "bytes_moved"):
+        total = g[col].sum()
+        g[f"{col}_%"] = 100.0 * g[col] / total if total else 0.0
+    return g
+
+
+def by_op(table: pd.DataFrame) -> pd.DataFrame:
+    """Unique aten ops with call counts, FLOPs and bytes, largest FLOPs first (views dropped)."""
+    t = table[table["op_class"] != VIEW].pipe(with_bytes_moved)
+    g = t.groupby(["op", "op_class"], dropna=False).agg(
+        calls=("op", "size"), flops=("flops", "sum"), bytes_moved=("bytes_moved", "sum"))
+    return g.sort_values(["flops", "bytes_moved"], ascending=False).reset_index()
+
+
+def module_prefix(module: str, depth: int | None) -> str:
+    """``model.layers.3.mlp.up_proj`` at depth 3 -> ``model.layers.3``."""
+    if depth is None or module.startswith("<"):
+        return module
+    return ".".join(module.split(".")[:depth])
+
+
+def by_module(table: pd.DataFrame, depth: int | None = None) -> pd.DataFrame:
+    """Costs summed per module path (truncated to ``depth`` components), with intensity."""
+    t = table[table["costed"]]
+    key = t["module"].map(lambda m: module_prefix(m, depth))
+    g = t.groupby(key).agg(ops=("op", "size"), flops=("flops", "sum"),
+                           bytes_read=("bytes_read", "sum"), bytes_written=("bytes_written", "sum"))
+    g["bytes_moved"] = bytes_moved(g)
+    g["intensity"] = g["flops"] / g["bytes_moved"].where(g["bytes_moved"] > 0)
+    return g
+
+
+def hotspots(table: pd.DataFrame, by: str = "flops", n: int = 5, depth: int | None = None) -> pd.DataFrame:
+    """The ``n`` modules with the largest ``by`` (``flops`` or ``bytes_moved``)."""
+    if by not in ("flops", "bytes_moved"):
+        raise ValueError(f"hotspots(by={by!r}): use 'flops' or 'bytes_moved'")
+    return by_module(table, depth).nlargest(n, by)
