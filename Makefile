@@ -21,7 +21,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 venv: $(STAMP)
 
 # The whole book, every notebook executed with its full parameters, warnings are errors.
+# Execution is cached per notebook (jupyter-cache) and the cache is cleared whenever the package,
+# its data or the requirements change; `make book FORCE=1` re-executes every chapter.
 book: $(STAMP)
+	$(PY) tools/book_cache.py $(if $(FORCE),--force)
 	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going
 	@echo "book: open _build/html/index.html"
 
@@ -31,12 +34,14 @@ browser-deps:
 
 # The whole test suite: unit tests, every notebook under papermill with the small CI
 # parameters, nbval on the outputs notebooks mark for checking, a warning-free Sphinx build
-# of the executed smoke notebooks, and that build opened page by page in headless Chromium.
+# of the executed smoke notebooks, that build opened page by page in headless Chromium, and last
+# a check that the tree the tests leave behind still builds as the book (no stray pages).
 test: $(STAMP) browser-deps
 	$(PY) -m pytest tests -q --ignore=tests/browser
 	COHW_SMOKE=1 $(PY) -m pytest --nbval-lax chapters -q -p no:cacheprovider
 	$(PY) tools/smoke_book.py
 	$(PY) -m pytest tests/browser -q
+	$(PY) tools/check_book_sources.py
 
 probe: $(STAMP)
 	$(PY) -c "from cohw_utils.probe import probe_host; print(probe_host(refresh=True))"

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
-from cohw_utils import fusion  # noqa: E402
+from cohw_utils.studies.performance import fusion  # noqa: E402
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f}")
-    default = fusion.run_in_subprocess("fusion.eager_times", {"smoke": args.quick, "repeats": args.repeats},
+    default = fusion.run_in_subprocess("studies.performance.fusion.eager_times", {"smoke": args.quick, "repeats": args.repeats},
                                        allocator="default")
     print(fusion.set_allocator("retain"))
     bench = fusion.benchmark(smoke=args.quick, repeats=args.repeats)

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
-from cohw_utils import matmul_ladder, probe  # noqa: E402
+from cohw_utils.studies.performance import matmul_ladder  # noqa: E402
+from cohw_utils.hardware import probe  # noqa: E402
 
 
 def main() -> None:

@@ -104,7 +104,7 @@ def main() -> None:
         print(f"BENCHMARK MBU {mode} (vs best bandwidth measured right before), {args.runs} runs: median "
               f"{statistics.median(vals):.1f}%, min {min(vals):.1f}%, max {max(vals):.1f}%; target >= 60%: "
               f"{'met' if statistics.median(vals) >= 60 else 'NOT met'}")
-    copy = mbu.measure_bandwidth().best
+    copy = mbu.bandwidth_now().best
     print(f"\nGEMV kernels on one fp32 matrix (best of 10 calls), against copy/add {copy / 1e9:.1f} GB/s now:")
     for name, rate in gemv_kernels().items():
         print(f"  {name:40s} {rate / 1e9:6.1f} GB/s = {100 * rate / copy:5.1f}% of copy/add")

@@ -12,7 +12,7 @@ the matching ``hardware.csv`` row (when the device name matches one, e.g. "H100"
 or H100-PCIe by memory size) and utilization = rate / peak. The chapter shows the file beside
 the live CPU sweep when it exists.
 
-Method: :func:`cohw_utils.studies.performance.matmul_dtypes.sweep` on ``cuda``: fp32 (``allow_tf32`` off), tf32
+Method: :func:`cohw_utils.studies.performance.matmul_dtypes.sweep_dtypes` on ``cuda``: fp32 (``allow_tf32`` off), tf32
 (fp32 inputs, ``allow_tf32`` on), bf16, fp16, int8 (``torch._int_mm``) and fp8
 (``torch._scaled_mm`` with e4m3 inputs, unit scales, bf16 output) where the GPU and torch
 support them; each shape gets ``--warmup`` untimed calls and ``--repeats`` timed calls, each
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from cohw_utils import matmul_dtypes  # noqa: E402
+from cohw_utils.studies.performance import matmul_dtypes  # noqa: E402
 from cohw_utils.hardware import load_hardware  # noqa: E402
 
 DEFAULT_OUT = ROOT / "cohw_utils" / "data" / "gpu" / "matmul.json"
@@ -64,7 +64,7 @@ def main() -> int:
     props = torch.cuda.get_device_properties(dev)
     hw = match_hardware(props.name, props.total_memory)
     peaks = dict(hw.peak_flops) if hw else {}
-    df = matmul_dtypes.sweep(dtypes=tuple(args.dtypes), shapes=GPU_SHAPES, peaks=peaks, device=dev,
+    df = matmul_dtypes.sweep_dtypes(dtypes=tuple(args.dtypes), shapes=GPU_SHAPES, peaks=peaks, device=dev,
                              repeats=args.repeats, warmup=args.warmup, max_seconds_per_call=5.0)
     rec = matmul_dtypes.capture_record(df, dev)
     rec["hardware_row"] = hw.name if hw else None

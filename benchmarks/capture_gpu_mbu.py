@@ -29,7 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cohw_utils import mbu, workloads  # noqa: E402
+from cohw_utils.studies.performance import mbu  # noqa: E402
+from cohw_utils import workloads  # noqa: E402
 from cohw_utils.hardware import load_hardware  # noqa: E402
 
 OUT = ROOT / "cohw_utils" / "data" / "gpu" / "mbu.json"

@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cohw_utils import cli
-from cohw_utils.spine import optable as summary
+from cohw_utils.spine import optable
 from cohw_utils import workloads
 from cohw_utils.spine.analyze import analyze
 from cohw_utils.core.errors import CohwError, UnknownWorkloadError
@@ -42,7 +42,7 @@ def test_sd15_unet_step_matches_flop_counter_mode():
         table = trace(phase.run, *args, model=built.model, phase="unet_step", **kwargs)
         with FlopCounterMode(display=False) as fc:
             phase.run(*args, **kwargs)
-    ours = summary.totals(table)["contraction_flops"]
+    ours = optable.totals(table)["contraction_flops"]
     assert ours == fc.get_total_flops() > 1e12
 
 

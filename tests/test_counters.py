@@ -39,13 +39,13 @@ def test_probe_numbers_by_hand(matrix):
 
 
 def test_coverage_converts_macs(matrix):
-    cov = counters.coverage(matrix)
+    cov = counters.counter_coverage(matrix)
     assert cov.loc["Linear"].tolist() == [1.0] * len(counters.COUNTERS)
     assert cov.loc["F.sdpa", "FlopCounterMode"] == 0 and cov.loc["F.sdpa on meta", "FlopCounterMode"] == 1
 
 
 def test_reconciliation_on_tiny_llama(matrix):
-    cov = counters.coverage(matrix)
+    cov = counters.counter_coverage(matrix)
     m = counters.build_model("tiny-llama")
     res = counters.count_all(m.module, m.inputs, ("ours", "FlopCounterMode", "thop"))
     ex = counters.explain(res, cov, causal=True)

@@ -48,8 +48,8 @@ def test_allocator_control_in_process_and_subprocess():
     with pytest.raises(CohwError, match="allocator mode"):
         fusion.set_allocator("jemalloc")
     # a fresh process started with the environment variables sees them
-    assert fusion.run_in_subprocess("fusion.allocator_mode", allocator="retain") == "retain"
-    assert fusion.run_in_subprocess([("fusion.allocator_mode", {}), ("fusion.chain_sizes", {"smoke": True})],
+    assert fusion.run_in_subprocess("studies.performance.fusion.allocator_mode", allocator="retain") == "retain"
+    assert fusion.run_in_subprocess([("studies.performance.fusion.allocator_mode", {}), ("studies.performance.fusion.chain_sizes", {"smoke": True})],
                                     allocator="default") == ["default", fusion.chain_sizes(True)]
     with pytest.raises(CohwError, match="module.function"):
         fusion.run_in_subprocess("os.path.join")

@@ -88,7 +88,7 @@ def test_layers_bound_against_the_ridge_point(toy_table):
 
 
 def test_hotspots_shape(toy_table):
-    h = inventory.hotspots(toy_table, CHIP, n=2)
+    h = inventory.layer_hotspots(toy_table, CHIP, n=2)
     assert list(h.index.get_level_values("by")) == ["FLOPs", "FLOPs", "bytes", "bytes"]
     assert set(h.loc["FLOPs", "layer"]) == {"blocks.*.up", "blocks.*.down"}
     assert "blocks.*.act" not in set(h["layer"])
@@ -180,7 +180,7 @@ def test_generation_totals():
 
 def test_llama_hotspots_on_h100_are_structural():
     t = inventory.trace_phase("llama-2-7b", "decode", seq_len=256)
-    h = inventory.hotspots(t, get_hardware("H100-SXM"))
+    h = inventory.layer_hotspots(t, get_hardware("H100-SXM"))
     assert (h["bound"] == "memory").all()                     # decode: every hotspot waits on memory
     assert h.loc[("FLOPs", 1), "layer"].startswith("model.layers.*.mlp.")
     p = inventory.layer_table(inventory.trace_phase("llama-2-7b", "prefill", seq_len=2048), get_hardware("H100-SXM"))

@@ -51,7 +51,7 @@ def test_kv_per_token_of_a_config_path_by_hand(tmp_path, name):
     assert kvcache.kv_bytes_per_token(path / "config.json", "fp32") == 2 * fp16  # file
     assert kvcache.kv_bytes_per_token(str(path), "int8") == fp16 // 2
     assert kvcache.kv_bytes_per_token(path, "int4") == fp16 // 4
-    assert kvcache.attention_geometry(path)["kind"] == kind
+    assert kvcache.attention_summary(path)["kind"] == kind
 
 
 def test_registry_llamas_and_published_numbers():

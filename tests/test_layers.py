@@ -121,3 +121,38 @@ def test_modules_are_small_and_say_what_they_are(module):
     assert lines <= MAX_LINES, f"{module} has {lines} lines; split it along its sections (limit {MAX_LINES})"
     doc = ast.get_docstring(ast.parse(text))
     assert doc and len(doc) > 40, f"{module} has no docstring stating what it holds"
+
+
+def _public_defs():
+    for module, path in MODULES.items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                yield module, node
+
+
+def test_one_meaning_per_public_name():
+    where: dict[str, list[str]] = {}
+    for module, node in _public_defs():
+        where.setdefault(node.name, []).append(module)
+    twice = {name: mods for name, mods in where.items() if len(mods) > 1}
+    assert not twice, f"public names defined in more than one module: {twice}"
+
+
+#: ``explore`` returns a figure in the static book and a widget live: a control, not a figure.
+NOT_FIGURES = {"explore"}
+
+
+def test_names_say_what_they_are():
+    """Figures are ``fig_*``; ``check_*`` is an exercise verdict (``book.exercises``) only."""
+    wrong = []
+    for module, node in _public_defs():
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        returns = ast.unparse(node.returns) if node.returns else ""
+        figure_like = (returns.endswith("Figure") or node.name == "figure" or node.name.startswith("plot_")
+                       or node.name.endswith(("_figure", "_chart")))
+        if figure_like and not node.name.startswith("fig_") and node.name not in NOT_FIGURES:
+            wrong.append(f"{module}.{node.name} returns a Figure: call it fig_...")
+        if node.name.startswith("check_") and module != "cohw_utils.book.exercises":
+            wrong.append(f"{module}.{node.name}: check_* is for exercise verdicts; a validator is validate_...")
+    assert not wrong, "\n".join(wrong)

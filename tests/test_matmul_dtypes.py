@@ -12,7 +12,7 @@ SHAPES = [("square 64", 64, 64, 64), ("LLM M=1", 1, 256, 256)]
 
 
 def test_sweep_rates_and_utilization():
-    df = md.sweep(dtypes=("fp32", "bf16", "int8", "tf32"), shapes=SHAPES, peaks={"fp32": 1e11, "bf16": 4e11},
+    df = md.sweep_dtypes(dtypes=("fp32", "bf16", "int8", "tf32"), shapes=SHAPES, peaks={"fp32": 1e11, "bf16": 4e11},
                   repeats=2, warmup=1)
     assert len(df) == 8
     ran = df[df.skipped == ""]
@@ -30,28 +30,28 @@ def test_sweep_rates_and_utilization():
 
 
 def test_time_budget_skips_with_the_reason():
-    df = md.sweep(dtypes=("fp32",), shapes=[("small", 64, 64, 64), ("huge", 8192, 8192, 8192)],
+    df = md.sweep_dtypes(dtypes=("fp32",), shapes=[("small", 64, 64, 64), ("huge", 8192, 8192, 8192)],
                   repeats=1, warmup=0, max_seconds_per_call=1e-6)
     huge = df.set_index("shape").loc["huge"]
     assert "exceeds" in huge.skipped and np.isnan(huge.rate)
 
 
 def test_capture_round_trip(tmp_path):
-    assert md.load_gpu_capture(tmp_path / "missing.json") is None
-    df = md.sweep(dtypes=("fp32",), shapes=SHAPES[:1], repeats=1, warmup=0)
+    assert md.gpu_matmul_capture(tmp_path / "missing.json") is None
+    df = md.sweep_dtypes(dtypes=("fp32",), shapes=SHAPES[:1], repeats=1, warmup=0)
     rec = md.capture_record(df, torch.device("cpu"))
     assert {"device", "date", "torch", "rows"} <= set(rec)
     path = tmp_path / "matmul.json"
     import json
 
     path.write_text(json.dumps(rec))
-    back = md.load_gpu_capture(path)
+    back = md.gpu_matmul_capture(path)
     assert back.attrs["torch"] == torch.__version__ and back.rate.iloc[0] == pytest.approx(df.rate.iloc[0])
     path.write_text("{}")
-    with pytest.raises(CohwError, match="not a matmul capture"):
-        md.load_gpu_capture(path)
+    with pytest.raises(CohwError, match="no device, date recorded"):
+        md.gpu_matmul_capture(path)
 
 
 def test_unknown_dtype_raises():
     with pytest.raises(CohwError, match="unknown dtype"):
-        md.sweep(dtypes=("fp128",), shapes=SHAPES)
+        md.sweep_dtypes(dtypes=("fp128",), shapes=SHAPES)

@@ -40,7 +40,7 @@ def test_ladder_table_arithmetic():
 
 
 def test_paper_table_is_internally_consistent():
-    p = ml.paper_table()
+    p = ml.leiserson_table()
     assert list(p.version) == [1, 2, 3, 4, 5, 6, 7]
     assert p.running_time_s.iloc[0] == 25552.48 and p.running_time_s.iloc[-1] == 0.41
     assert p.fraction_of_peak_pct.iloc[-1] == 40.45 and p.absolute_speedup.iloc[-1] == 62806

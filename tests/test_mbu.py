@@ -107,11 +107,11 @@ def test_gemv_ceiling(monkeypatch):
 
 
 def test_gpu_capture_absent_is_none(tmp_path):
-    assert mbu.load_gpu_capture(tmp_path / "nothing.json") is None
+    assert mbu.gpu_mbu_capture(tmp_path / "nothing.json") is None
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     with pytest.raises(CohwError, match="capture_gpu_mbu"):
-        mbu.load_gpu_capture(bad)
+        mbu.gpu_mbu_capture(bad)
 
 
 def test_compiled_decode_matches_eager_tokens_and_counts_the_static_cache(tmp_path):

@@ -6,13 +6,13 @@ import pandas as pd
 import pytest
 
 from cohw_utils.studies.performance import opclasses
-from cohw_utils.spine import optable as summary
+from cohw_utils.spine import optable
 from cohw_utils.core.errors import CohwError
 from cohw_utils.spine.trace import trace
 
 
 def test_paper_table_values():
-    p = opclasses.paper_table()
+    p = opclasses.ivanov_table()
     assert list(p.index) == ["tensor contraction", "statistical normalization", "element-wise"]
     assert p["flop_%"].tolist() == [99.80, 0.17, 0.03] and p["runtime_%"].tolist() == [61.0, 25.5, 13.5]
     assert p["flop_%"].sum() == pytest.approx(100) and p["runtime_%"].sum() == pytest.approx(100)
@@ -24,7 +24,7 @@ def test_bert_large_training_flops_at_paper_size():
     args, kwargs = blk.make_inputs()
     table = trace(blk.run, *args, model=blk.model, **kwargs)
     assert table.attrs["uncosted"] == {}  # dropout's bernoulli_ has a rule
-    s = summary.by_class(table)
+    s = optable.by_class(table)
     B, L, I, H, U = 8, 512, 1024, 16, 4096
     forward = 2 * B * L * (4 * I * I + 2 * I * U) + 4 * B * H * L * L * (I // H)
     assert s.loc["contraction", "flops"] == 3 * forward  # backward = 2 x forward for contractions
@@ -47,7 +47,7 @@ def _fake_profile():
 
 def test_class_shares_and_comparison():
     t = _fake_profile()
-    s = opclasses.class_shares(t)
+    s = opclasses.measured_class_shares(t)
     assert list(s.index) == ["contraction", "normalization", "element-wise", "data movement"]
     assert s.loc["contraction", "flops_%"] == pytest.approx(99.8)
     assert s.loc["contraction", "runtime_%"] == pytest.approx(60.0)
@@ -56,12 +56,12 @@ def test_class_shares_and_comparison():
     assert c.loc["tensor contraction", "runtime_% (paper)"] == 61.0
     assert c.loc["statistical normalization", "runtime/FLOP share (ours)"] == pytest.approx(20.0 / 0.1)
     assert "data movement (no row in the paper)" in c.index
-    hot = opclasses.hotspots(t, n=2, peak_flops=1e3, mem_bw=100.0)
+    hot = opclasses.slowest_ops(t, n=2, peak_flops=1e3, mem_bw=100.0)
     assert hot.op.tolist() == ["mm", "_softmax"] and hot["bound (roofline)"].tolist() == ["compute", "memory"]
     rates = opclasses.module_rates(t, depth=1)
     assert rates.loc["a", "time_%"] == pytest.approx(100.0)
     with pytest.raises(CohwError, match="profiled table"):
-        opclasses.class_shares(t.drop(columns=["time_s"]))
+        opclasses.measured_class_shares(t.drop(columns=["time_s"]))
 
 
 def test_profiled_small_blocks():

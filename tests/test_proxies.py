@@ -53,10 +53,10 @@ def test_phase_dtype():
 def test_figures_draw(small_overview):
     table, ops = small_overview
     table = table.assign(domain=table["workload"].map(lambda w: "llm" if "llama" in w else "vision"))
-    fig = plotting.flops_vs_bytes(table, get_hardware("H100-SXM"))
+    fig = plotting.fig_flops_vs_bytes(table, get_hardware("H100-SXM"))
     assert len(fig.axes[0].collections) == len(table)
     r = priority.rank(proxies.criteria(*small_overview))
-    fig = plotting.priority_bars(r, priority.DEFAULT_WEIGHTS)
+    fig = plotting.fig_priority_bars(r, priority.DEFAULT_WEIGHTS)
     assert len(fig.axes[0].patches) == 4 * len(r)
 
 

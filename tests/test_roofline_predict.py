@@ -103,11 +103,11 @@ def test_roofline_figures():
     t = _table()
     t["time_s"] = roofline.predict_times(t, CHIP)["time"].to_numpy() * 2
     t["achieved_flops"] = t["flops"] / t["time_s"]
-    fig = roofline.plot_roofline(CHIP, points=t)
+    fig = roofline.fig_roofline(CHIP, points=t)
     assert isinstance(fig, Figure) and len(fig.axes) == 1
     chips = [get_hardware("A100-80GB"), get_hardware("H100-SXM"), CHIP, get_hardware("MI300X")]
-    fig = roofline.plot_roofline(chips, points={"toy": t})
+    fig = roofline.fig_roofline(chips, points={"toy": t})
     assert sum(ax.get_visible() for ax in fig.axes) == 4
-    assert isinstance(roofline.plot_prediction(t, CHIP), Figure)
+    assert isinstance(roofline.fig_prediction(t, CHIP), Figure)
     with pytest.raises(CohwError):
-        roofline.plot_roofline([])
+        roofline.fig_roofline([])

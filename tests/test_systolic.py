@@ -50,7 +50,7 @@ def test_utilization_values_pinned():
 def test_simulation_multiplies_and_counts_the_model_cycles(M, K, N, R, C, df):
     rng = np.random.default_rng(M * 100 + K)
     a, b = rng.standard_normal((M, K)), rng.standard_normal((K, N))
-    product, cycles = systolic.simulate(a, b, R, C, df)
+    product, cycles = systolic.simulate_array(a, b, R, C, df)
     np.testing.assert_allclose(product, a @ b, atol=1e-12)
     assert cycles == systolic.cycles(M, K, N, R, C, df)
 
@@ -112,4 +112,4 @@ def test_bad_input_raises():
     with pytest.raises(CohwError, match="M must be a positive integer"):
         systolic.cycles(0, 4, 4, 4, 4)
     with pytest.raises(CohwError, match="needs a"):
-        systolic.simulate(np.ones((2, 3)), np.ones((2, 3)), 2, 2)
+        systolic.simulate_array(np.ones((2, 3)), np.ones((2, 3)), 2, 2)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cohw_utils.spine import costs
-from cohw_utils.spine import optable as summary
+from cohw_utils.spine import optable
 from cohw_utils.core.errors import UncostedOpError
 from cohw_utils.spine.trace import COLUMNS, trace
 
@@ -183,7 +183,7 @@ def test_uncosted_ops_are_reported_never_zero(mystery_op):
     r = t[t.op == "cohw_test.mystery.default"].iloc[0]
     assert not r.costed and math.isnan(r.flops) and math.isnan(r.bytes_read)
     assert t.attrs["uncosted"] == {"cohw_test.mystery.default": 1}
-    tot = summary.totals(t)
+    tot = optable.totals(t)
     assert tot["uncosted_ops"] == 1
     with pytest.raises(UncostedOpError, match="cohw_test.mystery.default.*register_cost"):
         trace(lambda: mystery_op(x), strict=True)
@@ -202,19 +202,19 @@ def test_register_cost_makes_an_op_costed(mystery_op):
 def test_summary_views():
     model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.GELU())
     t = trace(model, torch.randn(4, 8), model=model, phase="fwd")
-    tot = summary.totals(t)
+    tot = optable.totals(t)
     assert tot["contraction_flops"] == 2 * 4 * 8 * 8
     assert tot["flops"] == 2 * 4 * 8 * 8 + 7 * 32 + 32
-    cls = summary.by_class(t)
+    cls = optable.by_class(t)
     assert cls["flops_%"].sum() == pytest.approx(100.0)
     assert list(cls.index) == ["contraction", "normalization", "element-wise", "view"]
-    ops = summary.by_op(t)
+    ops = optable.by_op(t)
     assert ops.iloc[0].op == "aten.addmm.default" and "aten.t.default" not in set(ops.op)
-    hot = summary.hotspots(t, "flops", n=1)
+    hot = optable.hotspots(t, "flops", n=1)
     assert list(hot.index) == ["0"]
-    assert summary.module_prefix("model.layers.3.mlp.up_proj", 3) == "model.layers.3"
+    assert optable.module_prefix("model.layers.3.mlp.up_proj", 3) == "model.layers.3"
     with pytest.raises(ValueError, match="flops"):
-        summary.hotspots(t, "time")
+        optable.hotspots(t, "time")
 
 
 def test_grouped_mm_mixture_of_experts():

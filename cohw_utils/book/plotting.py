@@ -18,7 +18,7 @@ _DOMAIN_COLORS = {"llm": "tab:blue", "diffusion": "tab:orange", "vision": "tab:g
                   "nerf": "tab:red", "text-to-3d": "tab:purple"}
 
 
-def flops_vs_bytes(overview: pd.DataFrame, hw: Hardware, dtype: str = "fp16") -> Figure:
+def fig_flops_vs_bytes(overview: pd.DataFrame, hw: Hardware, dtype: str = "fp16") -> Figure:
     """Each (workload, phase) as a point of FLOPs against bytes moved, log-log, with the line
     of ``hw``'s ridge point: points above it can be compute-bound, points below are
     memory-bound on that chip."""
@@ -40,7 +40,7 @@ def flops_vs_bytes(overview: pd.DataFrame, hw: Hardware, dtype: str = "fp16") ->
     return fig
 
 
-def priority_bars(ranked: pd.DataFrame, weights: Mapping[str, float]) -> Figure:
+def fig_priority_bars(ranked: pd.DataFrame, weights: Mapping[str, float]) -> Figure:
     """Stacked horizontal bars: each workload's score split into its weighted criteria."""
     crits = [c for c, w in weights.items() if w > 0]
     total = sum(weights[c] for c in crits)

@@ -69,14 +69,14 @@ def read_table(path: str | Path, required: Iterable[str] = (), *, numeric: Itera
     return table
 
 
-def load_gpu_capture(topic: str) -> dict[str, Any] | None:
+def load_gpu_capture(topic: str, path: str | Path | None = None) -> dict[str, Any] | None:
     """The GPU capture ``data/gpu/<topic>.json`` written by ``benchmarks/capture_gpu_<topic>.py``.
 
     ``None`` when it has not been captured (no CUDA machine has run the script). A capture must
     carry the device name and the date it was taken; one without them raises, since a number
-    with no device is not a measurement the book can print.
+    with no device is not a measurement the book can print. ``path`` overrides the location.
     """
-    path = GPU_DIR / f"{topic}.json"
+    path = Path(path) if path is not None else GPU_DIR / f"{topic}.json"
     if not path.exists():
         return None
     try:

@@ -36,10 +36,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cohw_utils.core.errors import CohwError
-from cohw_utils.core.data import DATA_DIR
+from cohw_utils.core.data import load_gpu_capture
 
 POWERCAP = Path("/sys/class/powercap")
-GPU_ENERGY_JSON = DATA_DIR / "gpu" / "energy.json"
 
 
 class NoEnergyCounterError(CohwError):
@@ -362,15 +361,12 @@ def idle_power(seconds: float = 3.0, *, nvml: Any = None, index: int = 0,
 
 def load_gpu_energy(path: str | Path | None = None) -> dict | None:
     """The GPU measurements written by ``benchmarks/capture_gpu_energy.py``, or None when the
-    file does not exist (no GPU run has been captured)."""
-    p = Path(path) if path is not None else GPU_ENERGY_JSON
-    if not p.exists():
+    file does not exist (no GPU run has been captured); read by
+    :func:`cohw_utils.core.data.load_gpu_capture`."""
+    data = load_gpu_capture("energy", path)
+    if data is None:
         return None
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise CohwError(f"{p}: not valid JSON ({err}); re-run benchmarks/capture_gpu_energy.py") from None
-    for key in ("device", "date", "versions", "measurements"):
+    for key in ("versions", "measurements"):
         if key not in data:
-            raise CohwError(f"{p}: missing '{key}'; re-run benchmarks/capture_gpu_energy.py")
+            raise CohwError(f"energy.json: missing '{key}'; re-run benchmarks/capture_gpu_energy.py")
     return data

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cohw_utils.core.errors import HardwareError
+from cohw_utils.core.timing import time_callable
 from cohw_utils.hardware.specs import Hardware
 
 SCHEMA = 1
@@ -154,21 +155,10 @@ def _summary(rates: list[float]) -> dict[str, float]:
 
 def _time_calls(call: Callable[[], object], warmup: int, repeats: int,
                 deadline: float) -> list[float]:
-    """Seconds per call for ``repeats`` timed calls after ``warmup`` untimed ones.
-
-    Stops early (keeping at least one timed call) once ``time.perf_counter()`` passes
-    ``deadline``.
-    """
-    for _ in range(warmup):
-        call()
-    times: list[float] = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-        if time.perf_counter() > deadline:
-            break
-    return times
+    """Seconds per call for ``repeats`` timed calls after ``warmup`` untimed ones, through the
+    package's one harness (:func:`cohw_utils.core.timing.time_callable`); stops early (keeping
+    at least one timed call) once ``time.perf_counter()`` passes ``deadline``."""
+    return list(time_callable(call, repeats=repeats, warmup=warmup, until=deadline).samples)
 
 
 def measure_gemm(dtype_name: str, quick: bool = False) -> dict[str, Any]:

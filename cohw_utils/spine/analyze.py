@@ -13,8 +13,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from cohw_utils.spine import optable as summary
+from cohw_utils.spine import optable
 from cohw_utils import workloads
+from cohw_utils.core.params import count_parameters  # noqa: F401  (re-exported)
 from cohw_utils.core.dtypes import bytes_per_element, dtype_name, parse_dtype
 from cohw_utils.core.errors import CohwError
 from cohw_utils.spine.trace import trace
@@ -40,7 +41,7 @@ class Analysis:
 
     def totals(self) -> dict[str, Any]:
         """Flat dict of everything the CLI prints (JSON-serialisable)."""
-        t = summary.totals(self.table)
+        t = optable.totals(self.table)
         out: dict[str, Any] = {
             "workload": self.workload, "phase": self.phase, "scale": self.scale,
             "device": self.device, "dtype": self.dtype, "batch": self.batch,
@@ -53,18 +54,13 @@ class Analysis:
                 cls: {"flops": int(r.flops), "bytes_moved": int(r.bytes_moved),
                       "flops_%": round(float(r["flops_%"]), 3),
                       "bytes_moved_%": round(float(r["bytes_moved_%"]), 3)}
-                for cls, r in summary.by_class(self.table).iterrows()
+                for cls, r in optable.by_class(self.table).iterrows()
             },
         }
         return out
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Unique parameter elements (a tied weight counts once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int | None:
+def _kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int | None:
     """KV-cache bytes per token for decoder-LM configs, else None."""
     try:
         return workloads.kv_cache_bytes_per_token(config, int(bytes_per_element(dtype)))
@@ -101,5 +97,5 @@ def analyze(workload: str, phase: str | None = None, *, batch: int = 1, seq_len:
         workload=wl.name, phase=ph.name, scale=scale, device=str(built.device),
         dtype=dtype_name(torch_dtype), batch=batch, seq_len=seq_len, parameters=params,
         weight_bytes=int(sum(p.numel() * p.element_size() for p in built.model.parameters())),
-        kv_bytes_per_token=kv_bytes_per_token(built.config, torch_dtype),
+        kv_bytes_per_token=_kv_bytes_per_token(built.config, torch_dtype),
         units=ph.units, unit_name=ph.unit_name, table=table)

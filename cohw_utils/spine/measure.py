@@ -1,12 +1,9 @@
 """Measured time: a timing harness with stated method and spread, and per-op times joined to
 the op table.
 
-Every measurement in the book goes through :func:`time_callable`, which returns a
-:class:`Timing` carrying its method, the number of repeats and the spread, so a chapter can
-print them beside the number. Method: ``warmup`` untimed calls, then ``repeats`` calls each
-timed with ``time.perf_counter`` (on CUDA, bracketed by ``torch.cuda.synchronize()`` so the
-time covers the kernels, not just their launch). The reported value is the **median**; the
-spread is min..max and the inter-quartile range.
+Every measurement in the book goes through :func:`time_callable` (defined in
+:mod:`cohw_utils.core.timing`, so that the hardware probe below this layer uses it too, and
+re-exported here), which returns a :class:`Timing` carrying its method, repeats and spread.
 
 :func:`profile_ops` runs the *traced* callable (:func:`cohw_utils.spine.trace.trace`) under
 ``torch.profiler`` (CPU, and CUDA when present), so the profiler records exactly the aten ops
@@ -27,80 +24,15 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
-from cohw_utils.core.errors import CohwError
+from cohw_utils.core.timing import Timing, synchronize, time_callable  # noqa: F401  (re-exported)
 from cohw_utils.spine.trace import trace
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Wall time of repeated calls, in seconds. ``median`` is the figure to report."""
-
-    median: float
-    min: float
-    max: float
-    q1: float
-    q3: float
-    repeats: int
-    warmup: int
-    device: str
-    samples: tuple[float, ...] = field(repr=False)
-
-    @property
-    def iqr(self) -> float:
-        return self.q3 - self.q1
-
-    @property
-    def method(self) -> str:
-        sync = ", CUDA-synchronised" if self.device.startswith("cuda") else ""
-        return (f"median of {self.repeats} timed calls after {self.warmup} warm-up "
-                f"(time.perf_counter{sync}) on {self.device}")
-
-    def describe(self, unit: str = "ms") -> str:
-        """``12.3 ms (min 12.1, max 13.0, IQR 0.2; median of 10 timed calls ...)``."""
-        s = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
-        return (f"{self.median * s:.3f} {unit} (min {self.min * s:.3f}, max {self.max * s:.3f}, "
-                f"IQR {self.iqr * s:.3f}; {self.method})")
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_callable(fn: Callable[[], Any], repeats: int = 10, warmup: int = 2,
-                  device: str | torch.device = "cpu", setup: Callable[[], Any] | None = None) -> Timing:
-    """Time ``fn()`` ``repeats`` times after ``warmup`` calls (see the module docstring).
-
-    ``setup``, if given, runs untimed before every call (e.g. to rebuild a KV cache that
-    ``fn`` extends).
-    """
-    if repeats < 1 or warmup < 0:
-        raise CohwError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    dev = str(device)
-    for _ in range(warmup):
-        if setup is not None:
-            setup()
-        fn()
-    _sync(dev)
-    samples = []
-    for _ in range(repeats):
-        if setup is not None:
-            setup()
-        _sync(dev)
-        t0 = time.perf_counter()
-        fn()
-        _sync(dev)
-        samples.append(time.perf_counter() - t0)
-    q = np.percentile(samples, [25, 75]) if len(samples) > 1 else (samples[0], samples[0])
-    return Timing(statistics.median(samples), min(samples), max(samples), float(q[0]), float(q[1]),
-                  repeats, warmup, dev, tuple(samples))
+from cohw_utils.spine import optable
 
 
 def _profiler_name(op: str) -> str:
@@ -164,7 +96,7 @@ def profile_ops(fn: Callable[..., Any], *args: Any, model: torch.nn.Module | Non
         with profile(activities=activities, record_shapes=False) as prof:
             t0 = time.perf_counter()
             table = trace(fn, *args, model=model, phase=phase, **kwargs)
-            _sync("cuda" if use_cuda else "cpu")
+            synchronize("cuda" if use_cuda else "cpu")
             walls.append(time.perf_counter() - t0)
         work = table["op_class"] != "view"
         rows = table.loc[work, "op"].tolist()
@@ -181,7 +113,7 @@ def profile_ops(fn: Callable[..., Any], *args: Any, model: torch.nn.Module | Non
             table.loc[work, col] = reduce(times, axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         table["achieved_flops"] = table["flops"] / table["time_s"]
-        table["achieved_bw"] = (table["bytes_read"] + table["bytes_written"]) / table["time_s"]
+        table["achieved_bw"] = optable.bytes_moved(table) / table["time_s"]
     table.attrs["unmatched"] = int(table["time_s"].isna().sum())
     table.attrs["wall_s"] = statistics.median(walls)
     table.attrs["method"] = (

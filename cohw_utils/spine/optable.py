@@ -1,4 +1,4 @@
-"""Summary views of an op table: totals, operator classes, ops and modules.
+"""Helpers over an op table: bytes moved, totals, breakdowns by operator class, op and module.
 
 Every function takes an op table from :func:`cohw_utils.spine.trace.trace` and returns numbers or
 a small DataFrame; none traces again. ``view`` rows (metadata-only ops) cost nothing and are
@@ -15,9 +15,9 @@ _SUMS = ["flops", "macs", "bytes_read", "bytes_written"]
 
 
 def bytes_moved(table: pd.DataFrame) -> pd.Series:
-    """Bytes each row moves: ``bytes_read + bytes_written`` (the one definition; 0 where a row
-    has no bytes). Sum it for a table's total."""
-    return (table["bytes_read"] + table["bytes_written"]).fillna(0)
+    """Bytes each row moves: ``bytes_read + bytes_written`` (the one definition; NaN stays NaN
+    for a row with no cost rule). Sum it for a table's total."""
+    return table["bytes_read"] + table["bytes_written"]
 
 
 def with_bytes_moved(table: pd.DataFrame) -> pd.DataFrame:

@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from cohw_utils import workloads
 from cohw_utils.core.dtypes import bytes_per_element, dtype_name
 from cohw_utils.core.errors import CohwError
-from cohw_utils.hardware import Hardware
+from cohw_utils.core.params import parameter_bytes
 from cohw_utils.views.memory_budget import MemoryLayout, memory_layout  # noqa: F401  (re-export)
 
 GB = 1e9
@@ -63,11 +63,12 @@ def decoder_config(config: Any) -> Any:
     return config
 
 
-def attention_geometry(config: Any) -> dict[str, Any]:
-    """Layers, attention heads, KV heads, head_dim and the attention kind (MHA/GQA/MQA)."""
+def attention_summary(config: Any) -> dict[str, Any]:
+    """Layers, attention heads, KV heads, head_dim and the attention kind (MHA/GQA/MQA) of a
+    decoder named as :func:`decoder_config` accepts, as a dict (the row :func:`geometry_table` shows)."""
     cfg = decoder_config(config)
-    # workloads keeps the config-field rules (n_head / num_kv_heads / multi_query ...) in one
-    # private helper; reuse it rather than restating them (see the chapter's report).
+    # the config-field rules (n_head / num_kv_heads / multi_query ...) have one home:
+    # workloads.attention_geometry; reuse it rather than restating them.
     layers, heads, kv, head_dim = workloads.attention_geometry(cfg)
     kind = "MHA" if kv == heads else ("MQA" if kv == 1 else "GQA")
     return {"layers": layers, "heads": heads, "kv_heads": kv, "head_dim": head_dim, "kind": kind}
@@ -108,17 +109,16 @@ def geometry_table(configs: Mapping[str, Any], dtype: str = "fp16") -> pd.DataFr
     """Per model: layers, heads, KV heads, head_dim, kind and KV bytes per token at ``dtype``."""
     rows = []
     for name, cfg in configs.items():
-        g = attention_geometry(cfg)
+        g = attention_summary(cfg)
         rows.append({"model": name, **g, f"kv_bytes_per_token_{dtype_name(dtype)}": kv_bytes_per_token(cfg, dtype)})
     return pd.DataFrame(rows).set_index("model")
 
 
 def weight_bytes(workload: str, dtype: str = "fp16") -> int:
-    """Bytes of a decoder LM's weights at ``dtype``: unique parameters (tied ones once) of the
-    model built at full scale on ``meta``, times the dtype's size."""
+    """Bytes of a workload's weights at ``dtype``: :func:`cohw_utils.core.params.parameter_bytes`
+    of the model built at full scale on ``meta`` (unique parameters, tied ones once)."""
     built = workloads.build(workload, scale="full", device="meta")
-    n = sum(p.numel() for p in built.model.parameters())
-    return int(n * bytes_per_element(dtype))
+    return int(parameter_bytes(built.model, dtype))
 
 
 def exceeds_weights_at(config: Any, weights: float, batch: int = 1, dtype: str = "fp16") -> int:

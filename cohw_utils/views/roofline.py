@@ -16,7 +16,7 @@ Latency prediction (Chapter 4): :class:`EfficiencyModel` refines the roofline wi
 per-operator-group compute and bandwidth efficiencies and a fixed per-op overhead (its
 docstring states the model); :func:`predict_times` applies it, :func:`fit_efficiency` fits it
 to a run measured with :func:`cohw_utils.spine.measure.profile_ops`, and :func:`prediction_error`
-reports the error per group. :func:`plot_roofline` draws rooflines with ops placed on them.
+reports the error per group. :func:`fig_roofline` draws rooflines with ops placed on them.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from cohw_utils.spine.costs import CONTRACTION, DATA_MOVEMENT, ELEMENTWISE, NORM
 from cohw_utils.core.dtypes import dtype_name
 from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import Hardware
+from cohw_utils.spine import optable
 
 
 def _peak_for(hw: Hardware, op_class: str, dtype: str) -> float:
@@ -65,7 +66,7 @@ def op_times(table: pd.DataFrame, hw: Hardware, efficiency: float = 1.0) -> pd.D
         for key in set(zip(table["op_class"], table["dtype"]))
     }
     peak = np.array([peaks[k] for k in zip(table["op_class"], table["dtype"])], dtype=float)
-    bytes_moved = (table["bytes_read"] + table["bytes_written"]).to_numpy(dtype=float)
+    bytes_moved = optable.bytes_moved(table).to_numpy(dtype=float)
     t_compute = table["flops"].to_numpy(dtype=float) / peak
     t_memory = bytes_moved / (hw.mem_bw * efficiency)
     out = table[["op", "module", "op_class", "dtype"]].copy()
@@ -207,7 +208,7 @@ def predict_times(table: pd.DataFrame, hw: Hardware, model: EfficiencyModel | No
     b = np.array([params[g][1] for g in groups], dtype=float)
     t0 = np.array([0.0 if g == VIEW else params[g][2] for g in groups], dtype=float)
     flops = table["flops"].to_numpy(dtype=float)
-    moved = (table["bytes_read"] + table["bytes_written"]).to_numpy(dtype=float)
+    moved = optable.bytes_moved(table).to_numpy(dtype=float)
     out = table[["op", "module", "op_class"]].copy()
     out["group"] = groups
     out["dtype"] = table["dtype"].to_numpy()
@@ -328,7 +329,7 @@ def fit_efficiency(measured_table: pd.DataFrame, hw: Hardware, min_ops: int = 3)
     groups = _groups(rows)
     peak = np.array([_peak_for(hw, c, d) for c, d in zip(rows["op_class"], rows["dtype"])], dtype=float)
     flops = rows["flops"].to_numpy(dtype=float)
-    moved = (rows["bytes_read"] + rows["bytes_written"]).to_numpy(dtype=float)
+    moved = optable.bytes_moved(rows).to_numpy(dtype=float)
     measured = rows["time_s"].to_numpy(dtype=float)
     bw = np.full(len(rows), hw.mem_bw)
     compute_bound = flops / peak >= moved / hw.mem_bw
@@ -428,7 +429,7 @@ def _draw_points(ax, points: pd.DataFrame, y: str) -> None:
                         textcoords="offset points")
 
 
-def plot_roofline(hw_or_list: Hardware | list[Hardware], points: pd.DataFrame | dict | None = None,
+def fig_roofline(hw_or_list: Hardware | list[Hardware], points: pd.DataFrame | dict | None = None,
                   dtypes: list[str] | None = None, y: str = "achieved_flops",
                   title: str | None = None, ncols: int = 3) -> Figure:
     """Roofline plot(s): attainable FLOP/s = min(peak, bandwidth x intensity), log-log.
@@ -471,7 +472,7 @@ def plot_roofline(hw_or_list: Hardware | list[Hardware], points: pd.DataFrame | 
     return fig
 
 
-def plot_prediction(measured_table: pd.DataFrame, hw: Hardware, model: EfficiencyModel | None = None,
+def fig_prediction(measured_table: pd.DataFrame, hw: Hardware, model: EfficiencyModel | None = None,
                     title: str | None = None) -> Figure:
     """Predicted against measured time per op (log-log), coloured by group, with the y = x
     line and a +-25% band."""

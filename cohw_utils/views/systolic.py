@@ -28,7 +28,7 @@ array's peak the GEMM reaches. **Mapping efficiency** is the part of that loss d
 padding alone (ceil effects), ``M*K*N / (R*C*folds*T)`` with T the streamed dimension (M for
 WS, K for OS); the rest is fill and drain.
 
-:func:`simulate` is a register-level simulation of both dataflows (it computes the product
+:func:`simulate_array` is a register-level simulation of both dataflows (it computes the product
 by moving values PE to PE, cycle by cycle); tests check that it multiplies correctly and that
 its cycle count equals :func:`cycles`, for shapes with partial tiles and several folds.
 
@@ -159,7 +159,7 @@ def _simulate_os_fold(a: np.ndarray, b: np.ndarray, rows: int, cols: int) -> tup
     return acc, last_mac + 1
 
 
-def simulate(a: np.ndarray, b: np.ndarray, rows: int, cols: int,
+def simulate_array(a: np.ndarray, b: np.ndarray, rows: int, cols: int,
              dataflow: str = "ws") -> tuple[np.ndarray, int]:
     """Multiply ``a @ b`` on a simulated rows x cols array, fold by fold; returns (product,
     total cycles). Slow (Python, cycle by cycle): for checking the model on small shapes."""
@@ -287,7 +287,7 @@ def gemms_from_table(table: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def evaluate(gemms: pd.DataFrame, rows: int, cols: int, dataflow: str) -> pd.DataFrame:
+def evaluate_gemms(gemms: pd.DataFrame, rows: int, cols: int, dataflow: str) -> pd.DataFrame:
     """Per GEMM row: cycles (all ``count`` GEMMs, one after another) and utilization."""
     out = gemms.copy()
     cyc = [cycles(int(m), int(k), int(n), rows, cols, dataflow) * int(c)
@@ -307,13 +307,13 @@ def utilization_table(gemm_sets: dict[str, pd.DataFrame], sizes=(32, 128, 256),
         row = {"workload": name, "gemms": int(g["count"].sum()), "macs": int(g["macs"].sum())}
         for df in dataflows:
             for s in sizes:
-                e = evaluate(g, s, s, df)
+                e = evaluate_gemms(g, s, s, df)
                 row[f"{df} {s}x{s}"] = e["macs"].sum() / (s * s * e["cycles"].sum())
         rows.append(row)
     return pd.DataFrame(rows).set_index("workload")
 
 
-def figure(gemm_sets: dict[str, pd.DataFrame], size: int = 128):
+def fig_systolic(gemm_sets: dict[str, pd.DataFrame], size: int = 128):
     """Utilization of every GEMM (dots sized by its MACs) against M, the dimension a
     weight-stationary array streams, on a ``size`` x ``size`` array, one colour per GEMM set
     (e.g. workload phase), one panel per dataflow."""
@@ -324,7 +324,7 @@ def figure(gemm_sets: dict[str, pd.DataFrame], size: int = 128):
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, df in zip(axes, DATAFLOWS):
         for (name, g), color in zip(gemm_sets.items(), colors):
-            e = evaluate(g, size, size, df)
+            e = evaluate_gemms(g, size, size, df)
             ax.scatter(e["M"], e["utilization"], s=6 + 120 * np.sqrt(e["macs"] / total), alpha=0.5,
                        color=color, label=name)
         ax.set(xscale="log", xlabel="M (rows streamed: tokens x batch, or pixels, or samples)",

@@ -37,9 +37,12 @@ from cohw_utils import workloads
 from cohw_utils.spine.costs import CONTRACTION, OP_CLASSES, VIEW
 from cohw_utils.core.dtypes import BYTES, dtype_name
 from cohw_utils.core.errors import CohwError
+from cohw_utils.core.params import count_parameters
 from cohw_utils.hardware import Hardware
+from cohw_utils.views.memory_budget import fits
 from cohw_utils.views.roofline import op_times, roofline_summary
 from cohw_utils.spine.trace import trace
+from cohw_utils.spine import optable
 
 _CLASS_COLORS = {"contraction": "tab:blue", "normalization": "tab:orange", "element-wise": "tab:green",
                  "data movement": "tab:red", "view": "tab:gray", "other": "tab:purple"}
@@ -73,7 +76,7 @@ def trace_phase(workload: str, phase: str, *, seq_len: int | None = None, batch:
         with torch.no_grad():
             table = trace(ph.run, *args, **opts, **kwargs)
     table.attrs.update(workload=wl.name, phase=ph.name, dtype=dtype_name(built.dtype),
-                       parameters=sum(p.numel() for p in built.model.parameters()))
+                       parameters=count_parameters(built.model))
     return table
 
 
@@ -93,7 +96,7 @@ def trace_all(names: Iterable[str] | None = None, seq_len: int = 2048, rays: int
 # ------------------------------------------------------------------------------------ operator inventory
 def _costed(table: pd.DataFrame) -> pd.DataFrame:
     t = table[table["costed"] & (table["op_class"] != VIEW)]
-    return t.assign(bytes_moved=t["bytes_read"] + t["bytes_written"],
+    return t.assign(bytes_moved=optable.bytes_moved(t),
                     packet=t["op"].map(lambda o: o.rsplit(".", 1)[0] if o.count(".") >= 2 else o))
 
 
@@ -207,7 +210,7 @@ def _short(d: Any) -> str:
         return str(d)
 
 
-def hotspots(table: pd.DataFrame, hw: Hardware, n: int = 5, depth: int | None = None,
+def layer_hotspots(table: pd.DataFrame, hw: Hardware, n: int = 5, depth: int | None = None,
              collapse: bool = True) -> pd.DataFrame:
     """Top-``n`` layers by FLOPs and top-``n`` by bytes moved, one table: index (``by``, rank),
     with the layer name and :func:`layer_table`'s columns (intensity, ridge, bound on ``hw``)."""
@@ -222,7 +225,7 @@ def hotspots(table: pd.DataFrame, hw: Hardware, n: int = 5, depth: int | None = 
 
 
 def format_hotspots(h: pd.DataFrame) -> Any:
-    """A pandas Styler of :func:`hotspots` with readable units (GFLOP, MB)."""
+    """A pandas Styler of :func:`layer_hotspots` with readable units (GFLOP, MB)."""
     return h.style.format({"flops": lambda v: f"{v / 1e9:,.1f} G", "bytes_moved": lambda v: f"{v / 1e6:,.1f} MB",
                            "flops_%": "{:.1f}", "bytes_moved_%": "{:.1f}", "intensity": "{:.1f}",
                            "ridge": "{:.0f}", "time_%": "{:.1f}"})
@@ -250,16 +253,16 @@ def weight_footprint(parameters: Mapping[str, int], dtypes: Iterable[str] = FOOT
                      hardware: Iterable[Hardware] = ()) -> pd.DataFrame:
     """Weight GB (1e9 bytes) of each model at each dtype (int4 = 0.5 byte, no group scales),
     plus, per chip in ``hardware``, the smallest listed dtype at which the weights fit in its
-    memory (``-`` when none does)."""
+    memory, less the runtime reserve (:func:`cohw_utils.views.memory_budget.fits`; ``-`` when none does)."""
     dts = list(dtypes)
     df = pd.DataFrame({d: {m: n * BYTES[dtype_name(d)] / 1e9 for m, n in parameters.items()} for d in dts})
     df.insert(0, "parameters", pd.Series(parameters))
     for hw in hardware:
-        fits = []
+        smallest = []
         for m in df.index:
-            ok = [d for d in dts if hw.mem_bytes and df.loc[m, d] * 1e9 <= hw.mem_bytes]
-            fits.append(ok[0] if ok else "-")
-        df[f"fits {hw.name} at"] = fits
+            ok = [d for d in dts if hw.mem_bytes and fits(hw, df.loc[m, d] * 1e9)]
+            smallest.append(ok[0] if ok else "-")
+        df[f"fits {hw.name} at"] = smallest
     return df
 
 

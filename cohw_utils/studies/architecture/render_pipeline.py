@@ -42,6 +42,7 @@ from cohw_utils.hardware import Hardware
 from cohw_utils.studies.architecture.inventory import _ridge, trace_phase
 from cohw_utils.views.roofline import op_times
 from cohw_utils.spine.trace import trace
+from cohw_utils.spine import optable
 
 STAGES = ("ray generation", "sampling", "proposal field query", "field query", "rendering",
           "loss & other", "VAE encoder", "UNet guidance")
@@ -114,7 +115,7 @@ def pipeline_table(tables: dict[str, pd.DataFrame], hw: Hardware, components: bo
     for key, table in tables.items():
         t = staged(table[table["costed"]])
         times = op_times(t, hw)
-        t = t.assign(phase_key=key, bytes_moved=t["bytes_read"] + t["bytes_written"], time_s=times["time"],
+        t = t.assign(phase_key=key, bytes_moved=optable.bytes_moved(t), time_s=times["time"],
                      cflops=t["flops"].where(t["op_class"] == "contraction", 0),
                      component=t["component"] if components else "")
         parts.append(t)

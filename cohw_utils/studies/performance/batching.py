@@ -151,7 +151,7 @@ def _batch_axis(ax, values, label: str) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def figure(measured: dict[str, pd.DataFrame], predicted: dict[str, pd.DataFrame] | None = None):
+def fig_batching(measured: dict[str, pd.DataFrame], predicted: dict[str, pd.DataFrame] | None = None):
     """Top row, one panel per measured workload phase on this CPU: latency (red, left axis,
     median with min..max bars) and throughput (blue, right axis) against batch. Bottom row,
     when given: predicted throughput of the full-scale phases on each accelerator."""

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cohw_utils.spine import optable as summary
+from cohw_utils.spine import optable
 from cohw_utils import workloads
 from cohw_utils.core.errors import CohwError
 from cohw_utils.spine.trace import trace
@@ -144,7 +144,7 @@ class Count:
 
 def _ours(model, inputs):
     table = trace(model, *inputs, model=model)
-    return summary.totals(table)["flops"], {"table": table}
+    return optable.totals(table)["flops"], {"table": table}
 
 
 def _fcm(model, inputs):
@@ -299,7 +299,7 @@ def probe_matrix(counters=COUNTERS, names=None) -> pd.DataFrame:
     return out
 
 
-def coverage(matrix: pd.DataFrame) -> pd.DataFrame:
+def counter_coverage(matrix: pd.DataFrame) -> pd.DataFrame:
     """Probe matrix in FLOPs (MAC counters x 2) divided by our count: 1 = counted as we do,
     0 = not counted. Rows where our count is 0 are dropped."""
     flops = matrix.copy()
@@ -492,17 +492,17 @@ def build_model(name: str, small: bool = False, seed: int = 0) -> CounterModel:
     raise CohwError(f"unknown comparison model '{name}'; use one of: {', '.join(COMPARISON_MODELS)}")
 
 
-def compare(models=COMPARISON_MODELS, counters=COUNTERS, cov: pd.DataFrame | None = None,
+def compare_counters(models=COMPARISON_MODELS, counters=COUNTERS, cov: pd.DataFrame | None = None,
             small: bool = False) -> pd.DataFrame:
     """The comparison table: every counter on every model, with reasons (see :func:`explain`).
 
     Returns one row per (model, counter) with ``reported``, ``unit``, ``flops``, ``diff_pct``
     (vs our total), ``predicted`` and ``residual_pct`` (reported vs the probe-based
     prediction) and ``reason``; ``attrs['models']`` describes each model. ``cov`` defaults to
-    :func:`coverage` of :func:`probe_matrix`; ``small`` as in :func:`build_model`.
+    :func:`counter_coverage` of :func:`probe_matrix`; ``small`` as in :func:`build_model`.
     """
     if cov is None:
-        cov = coverage(probe_matrix(counters))
+        cov = counter_coverage(probe_matrix(counters))
     frames, described = [], {}
     for name in models:
         m = build_model(name, small=small)

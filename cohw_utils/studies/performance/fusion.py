@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import pickle
 import re
@@ -56,6 +57,7 @@ from cohw_utils.spine.costs import VIEW, tensor_bytes, tensors
 from cohw_utils.core.errors import CohwError
 from cohw_utils.spine.measure import time_callable
 from cohw_utils.spine.trace import trace
+from cohw_utils.spine import optable
 
 # ------------------------------------------------------------------------------ allocator
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -114,19 +116,29 @@ def release_memory() -> None:
         libc.malloc_trim(0)
 
 
+def _is_package_module(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(f"cohw_utils.{module}") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def run_in_subprocess(func: str | list[tuple[str, dict]], kwargs: dict | None = None,
                       allocator: str = "default", timeout: float = 900.0) -> Any:
     """Run ``cohw_utils.<module>.<function>(**kwargs)`` in a fresh Python with the given
     allocator (``"default"``, or ``"retain"`` through :data:`RETAIN_ENV`) and return its
-    (picklable) result. ``func`` is ``"module.function"``, e.g. ``"fusion.eager_times"``; or a
+    (picklable) result. ``func`` is ``"module.function"`` with the module's path inside
+    cohw_utils, e.g. ``"studies.performance.fusion.eager_times"``; or a
     list of ``("module.function", kwargs)`` pairs, run one after another in the same process
     (one interpreter start-up for all), returning the list of results."""
     if allocator not in ("default", "retain"):
         raise CohwError(f"allocator must be 'default' or 'retain', got {allocator!r}")
     calls = [(func, kwargs or {})] if isinstance(func, str) else list(func)
     for name, _ in calls:
-        if not isinstance(name, str) or not re.fullmatch(r"[a-z_]+\.[A-Za-z_]\w*", name):
-            raise CohwError(f"func must be 'module.function' inside cohw_utils, got {name!r}")
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z_]+(\.[a-z_]+)*\.[A-Za-z_]\w*", name) \
+                or not _is_package_module(name.rpartition(".")[0]):
+            raise CohwError(f"func must be 'module.function' inside cohw_utils "
+                            f"(e.g. 'studies.performance.fusion.eager_times'), got {name!r}")
     env = {k: v for k, v in os.environ.items() if k not in RETAIN_ENV}
     if allocator == "retain":
         env.update(RETAIN_ENV)
@@ -138,7 +150,7 @@ def run_in_subprocess(func: str | list[tuple[str, dict]], kwargs: dict | None = 
                 f"calls = pickle.load(open({args_path!r}, 'rb'))\n"
                 "out = []\n"
                 "for name, kw in calls:\n"
-                "    module, fn = name.split('.')\n"
+                "    module, _, fn = name.rpartition('.')\n"
                 "    out.append(getattr(importlib.import_module('cohw_utils.' + module), fn)(**kw))\n"
                 f"pickle.dump(out, open({out_path!r}, 'wb'))\n")
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -257,7 +269,7 @@ def bytes_before(fn: Callable, inputs: tuple) -> tuple[int, int]:
     with torch.no_grad():
         table = trace(fn, *inputs, model=fn if isinstance(fn, torch.nn.Module) else None)
     work = table[table["op_class"] != VIEW]
-    return int((work["bytes_read"] + work["bytes_written"]).sum()), int(len(work))
+    return int(optable.bytes_moved(work).sum()), int(len(work))
 
 
 def compile_chain(fn: Callable, inputs: tuple) -> tuple[Callable, dict]:
@@ -375,7 +387,7 @@ def relu_attention_study(batch: int = 8, heads: int = 16, seq: int = 512, head_d
     return df
 
 
-def figure(bench: pd.DataFrame, default_eager: pd.DataFrame | None = None):
+def fig_fusion(bench: pd.DataFrame, default_eager: pd.DataFrame | None = None):
     """Per chain: eager (default malloc, if given), eager and compiled times (left, ms, log)
     and bytes before/after (right, MiB)."""
     import matplotlib.pyplot as plt

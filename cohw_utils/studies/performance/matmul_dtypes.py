@@ -19,7 +19,7 @@ cannot run is reported with the reason (column ``skipped``), not dropped.
 
 Shapes (:func:`default_shapes`) are squares and the GEMMs of an LLM layer: M = 1 (decode,
 batch 1: a matrix-vector product, bandwidth-bound), M = 16, and M = 512 (prefill) against a
-4096 x 4096 weight. :func:`load_gpu_capture` reads what ``benchmarks/capture_gpu_matmul.py``
+4096 x 4096 weight. :func:`gpu_matmul_capture` reads what ``benchmarks/capture_gpu_matmul.py``
 recorded on a CUDA machine (``data/gpu/matmul.json``), or returns None when there is none.
 """
 from __future__ import annotations
@@ -35,10 +35,9 @@ import torch
 
 from cohw_utils.core.errors import CohwError
 from cohw_utils.spine.measure import time_callable
-from cohw_utils.core.data import DATA_DIR
+from cohw_utils.core.data import DATA_DIR, load_gpu_capture
 
 DATA = DATA_DIR
-GPU_CAPTURE = DATA / "gpu" / "matmul.json"
 DTYPES = ("fp32", "tf32", "bf16", "fp16", "int8", "fp8")
 
 
@@ -86,7 +85,7 @@ def _call(dtype: str, M: int, K: int, N: int, device: torch.device):
     raise CohwError(f"unknown dtype '{dtype}'; use one of: {', '.join(DTYPES)}")
 
 
-def sweep(dtypes=("fp32", "bf16", "fp16", "int8"), shapes=None, peaks: dict[str, float] | None = None,
+def sweep_dtypes(dtypes=("fp32", "bf16", "fp16", "int8"), shapes=None, peaks: dict[str, float] | None = None,
           device: str | torch.device = "cpu", repeats: int = 5, warmup: int = 2,
           max_seconds_per_call: float = 5.0) -> pd.DataFrame:
     """Time every (dtype, shape); one row each: dtype, shape, M, K, N, ops, best_s, median_s,
@@ -163,17 +162,16 @@ def capture_record(df: pd.DataFrame, device: torch.device) -> dict:
     return rec
 
 
-def load_gpu_capture(path: str | Path | None = None) -> pd.DataFrame | None:
-    """The GPU capture as a DataFrame (``attrs``: device, date, versions), or None if the
-    file does not exist."""
-    p = Path(path) if path else GPU_CAPTURE
-    if not p.exists():
+def gpu_matmul_capture(path: str | Path | None = None) -> pd.DataFrame | None:
+    """The GPU capture of ``benchmarks/capture_gpu_matmul.py`` as a DataFrame (``attrs``: device,
+    date, versions), or None if it has not been captured (read by
+    :func:`cohw_utils.core.data.load_gpu_capture`)."""
+    rec = load_gpu_capture("matmul", path)
+    if rec is None:
         return None
-    try:
-        rec = json.loads(p.read_text())
-        df = pd.DataFrame(rec["rows"])
-    except (ValueError, KeyError) as err:
-        raise CohwError(f"{p}: not a matmul capture ({err}); re-run benchmarks/capture_gpu_matmul.py") from None
+    if "rows" not in rec:
+        raise CohwError("matmul.json has no 'rows'; re-run benchmarks/capture_gpu_matmul.py")
+    df = pd.DataFrame(rec["rows"])
     df.attrs.update({k: v for k, v in rec.items() if k != "rows"})
     return df
 
@@ -185,7 +183,7 @@ def pivot(df: pd.DataFrame, value: str = "rate") -> pd.DataFrame:
     return t.reindex(order)[[d for d in DTYPES if d in t.columns]]
 
 
-def figure(df: pd.DataFrame, gpu: pd.DataFrame | None = None):
+def fig_matmul_dtypes(df: pd.DataFrame, gpu: pd.DataFrame | None = None):
     """Achieved TFLOP/s (TOPS for int8) per shape and dtype; the GPU capture beside it if given."""
     import matplotlib.pyplot as plt
 

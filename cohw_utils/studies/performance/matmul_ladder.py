@@ -4,7 +4,7 @@ Leiserson et al. multiply two 4096 x 4096 matrices of 64-bit floats in seven suc
 engineered versions (Python, Java, C, parallel loops, parallel divide and conquer, plus
 vectorization, plus AVX intrinsics) on an 18-core Haswell whose peak is 835 GFLOP/s, and go
 from 25,552 s to 0.41 s (62,806x, 40.45% of peak). Their table is a data file
-(``data/leiserson2020_table1.csv``) and :func:`paper_table` reads it.
+(``data/leiserson2020_table1.csv``) and :func:`leiserson_table` reads it.
 
 Our rungs, each a refinement of the one above (:data:`RUNGS`):
 
@@ -290,7 +290,7 @@ def top_rung(ladder: pd.DataFrame) -> pd.Series:
 
 
 # ------------------------------------------------------------------------------- the paper
-def paper_table() -> pd.DataFrame:
+def leiserson_table() -> pd.DataFrame:
     """Leiserson et al.'s Table 1, one row per version (columns: version, implementation,
     running_time_s, gflops, absolute_speedup, relative_speedup, fraction_of_peak_pct)."""
     raw = pd.read_csv(DATA / "leiserson2020_table1.csv")
@@ -307,19 +307,19 @@ def paper_table() -> pd.DataFrame:
 
 def side_by_side(ladder: pd.DataFrame) -> pd.DataFrame:
     """Our rungs beside the paper's rows they correspond to (paper columns prefixed ``paper_``)."""
-    paper = paper_table().add_prefix("paper_")
+    paper = leiserson_table().add_prefix("paper_")
     ours = ladder[["rung", "implementation", "paper_version", "dtype", "n", "time_at_4096_s",
                    "gflops", "abs_speedup", "rel_speedup", "pct_of_peak"]]
     out = ours.merge(paper, how="left", left_on="paper_version", right_on="paper_version")
     return out.drop(columns=["paper_version"])
 
 
-def figure(ladder: pd.DataFrame):
+def fig_matmul_ladder(ladder: pd.DataFrame):
     """Bar charts, log scale: our GFLOP/s per rung (left) beside the paper's per version (right),
     each bar labelled with its % of peak."""
     import matplotlib.pyplot as plt
 
-    paper = paper_table()
+    paper = leiserson_table()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.2))
     panels = ((left, ladder["implementation"], ladder["gflops"], ladder["pct_of_peak"],
                ["tab:gray" if r == "numpy" else "tab:blue" for r in ladder["rung"]],

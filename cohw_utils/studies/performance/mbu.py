@@ -17,7 +17,7 @@ plus the KV cache it reads:
 
 **Peak**: for an accelerator, the spec-sheet bandwidth (``hardware.csv``); for this machine,
 the streaming bandwidth measured *in the same session, right before the decode run*, with
-:func:`measure_bandwidth` (the probe's copy and add kernels, :mod:`cohw_utils.hardware.probe`),
+:func:`bandwidth_now` (the probe's copy and add kernels, :mod:`cohw_utils.hardware.probe`),
 because a shared or virtualised host's bandwidth moves from run to run; it is measured again
 after the decode run, and both are reported with their spread.
 
@@ -49,11 +49,12 @@ from cohw_utils.core.dtypes import bytes_per_element, dtype_name, parse_dtype
 from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import Hardware, get_hardware
 from cohw_utils.spine.measure import Timing, time_callable
-from cohw_utils.core.data import DATA_DIR
+from cohw_utils.core.data import DATA_DIR, load_gpu_capture
+from cohw_utils.core.params import count_parameters
+from cohw_utils.views.memory_budget import fits
 
 DATA = DATA_DIR
 PUBLISHED_CSV = DATA / "published_mbu.csv"
-GPU_JSON = DATA / "gpu" / "mbu.json"
 MBU_CONFIG = workloads.CONFIG_DIR / "tinyllama-1.1b" / "config.json"
 
 
@@ -118,7 +119,7 @@ def _loadavg() -> tuple[float, float, float]:
         return (float("nan"),) * 3
 
 
-def measure_bandwidth(quick: bool = False) -> Bandwidth:
+def bandwidth_now(quick: bool = False) -> Bandwidth:
     """Streaming bandwidth of this machine now, with :func:`cohw_utils.hardware.probe.measure_bandwidth`
     (arrays >= 8x the LLC and >= 256 MiB; quick: 4x and 64 MiB)."""
     llc, _ = probe.detect_llc()
@@ -325,7 +326,7 @@ def measure_decode(model: torch.nn.Module, prompt_len: int = 128, new_tokens: in
     w = weight_bytes_read(model)
     timed_ctx = [total - 1] * new_tokens if compiled else contexts[warmup:]
     per_token = [decode_bytes(w, kv, c)["total"] for c in timed_ctx]
-    run = DecodeRun(model=name, dtype=dtype_name(dtype), parameters=sum(p.numel() for p in model.parameters()),
+    run = DecodeRun(model=name, dtype=dtype_name(dtype), parameters=count_parameters(model),
                     weight_bytes=w, kv_bytes_per_token=kv, prompt_len=prompt_len + warmup,
                     new_tokens=new_tokens, timing=timing, bytes_per_token=statistics.mean(per_token))
     run.extra["mode"] = "compiled" if compiled else "eager"
@@ -359,9 +360,9 @@ def mbu_benchmark(config_path: str | Path = MBU_CONFIG, dtype: str = "bf16", pro
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        before = measure_bandwidth(quick_bandwidth)
+        before = bandwidth_now(quick_bandwidth)
         run = measure_decode(model, prompt_len, new_tokens, name=name, seed=seed, compiled=compiled)
-        after = measure_bandwidth(quick_bandwidth)
+        after = bandwidth_now(quick_bandwidth)
         if gemv:
             run.gemv = measure_gemv_bandwidth(next(model.parameters()).dtype, quick_bandwidth)
         run.extra["threads"] = torch.get_num_threads()
@@ -431,7 +432,7 @@ def decode_bound(workload: str, hw: Hardware, batch: int = 1, context: int = 204
                  dtype: str = "fp16") -> dict[str, float]:
     """Roofline bound of one decode step of ``batch`` sequences at ``context`` tokens on ``hw``
     (see the module docstring). ``fits`` says whether weights + KV cache fit in ``hw``'s memory
-    (one chip, no parallelism); ``tokens_per_s`` is the bound whether or not it fits."""
+    (one chip, no parallelism, less the runtime reserve of :mod:`cohw_utils.views.memory_budget`); ``tokens_per_s`` is the bound whether or not it fits."""
     model, cfg = _llm_params(workload)
     b = bytes_per_element(dtype)
     weights = weight_bytes_read(model, b)
@@ -443,13 +444,13 @@ def decode_bound(workload: str, hw: Hardware, batch: int = 1, context: int = 204
     flops = 2.0 * params_read * batch + 4.0 * layers * heads * head_dim * (context + 1) * batch
     peak = hw.peak(dtype if dtype in hw.peak_flops else ("fp16" if "fp16" in hw.peak_flops else "fp32"))
     t_mem, t_comp = by["total"] / hw.mem_bw, flops / peak
-    total_params = sum(p.numel() for p in model.parameters())
+    total_params = count_parameters(model)
     resident = total_params * b + by["kv_cache"]
     return {"workload": workload, "hardware": hw.name, "batch": batch, "context": context, "dtype": dtype,
             "bytes": by["total"], "flops": flops, "t_memory_ms": 1e3 * t_mem, "t_compute_ms": 1e3 * t_comp,
             "bound": "memory" if t_mem >= t_comp else "compute",
             "tokens_per_s": batch / max(t_mem, t_comp), "per_sequence_tokens_per_s": 1 / max(t_mem, t_comp),
-            "resident_GB": resident / 1e9, "fits": bool(hw.mem_bytes is None or resident <= hw.mem_bytes)}
+            "resident_GB": resident / 1e9, "fits": fits(hw, resident)}
 
 
 def decode_bound_table(workloads_=("llama-2-7b", "llama-2-13b", "llama-2-70b"), chips=None,
@@ -464,20 +465,13 @@ def decode_bound_table(workloads_=("llama-2-7b", "llama-2-13b", "llama-2-70b"), 
 
 
 # ---------------------------------------------------------------------------- GPU capture + figures
-def load_gpu_capture(path: str | Path = GPU_JSON) -> dict[str, Any] | None:
-    """The GPU MBU capture written by ``benchmarks/capture_gpu_mbu.py``, or None if absent."""
-    import json
-
-    p = Path(path)
-    if not p.exists():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise CohwError(f"{p}: unreadable GPU capture ({e}); rerun benchmarks/capture_gpu_mbu.py") from None
+def gpu_mbu_capture(path: str | Path | None = None) -> dict[str, Any] | None:
+    """The GPU MBU capture written by ``benchmarks/capture_gpu_mbu.py``, or None if absent
+    (read by :func:`cohw_utils.core.data.load_gpu_capture`, which checks device and date)."""
+    return load_gpu_capture("mbu", path)
 
 
-def plot_mbu(bars: pd.DataFrame, target: float | None = 60.0) -> Figure:
+def fig_mbu(bars: pd.DataFrame, target: float | None = 60.0) -> Figure:
     """Horizontal MBU bars: ``bars`` has ``label`` and ``mbu_pct`` (and optionally ``kind``:
     ``measured`` / ``published`` / ``ours on published``, which sets the colour)."""
     colors = {"measured": "tab:blue", "published": "tab:orange", "ours on published": "tab:green",
@@ -498,7 +492,7 @@ def plot_mbu(bars: pd.DataFrame, target: float | None = 60.0) -> Figure:
     return fig
 
 
-def plot_decode_bound(table: pd.DataFrame, workload: str = "llama-2-7b") -> Figure:
+def fig_decode_bound(table: pd.DataFrame, workload: str = "llama-2-7b") -> Figure:
     """Decode throughput bound (tokens/s, all sequences) against batch size for one LLM on
     every chip in ``table`` (from :func:`decode_bound_table`); hollow markers where the
     weights + KV cache do not fit on one chip."""

@@ -62,6 +62,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cohw_utils import workloads
 from cohw_utils.core.dtypes import bytes_per_element, parse_dtype
 from cohw_utils.core.errors import CohwError
+from cohw_utils.core.params import count_parameters
+from cohw_utils.views.memory_budget import RESERVE_FRACTION, usable_bytes
 from cohw_utils.hardware import Hardware
 
 KINDS = ("weight", "input", "activation", "output", "gradient")
@@ -274,7 +276,7 @@ def liveness(fn: Callable[..., Any], *args: Any, model: torch.nn.Module | None =
 
 
 # ---------------------------------------------------------------------------- per proxy
-def weight_bytes(parameters: int, dtypes=WEIGHT_DTYPES) -> dict[str, float]:
+def weight_bytes_by_dtype(parameters: int, dtypes=WEIGHT_DTYPES) -> dict[str, float]:
     """Bytes of ``parameters`` weights stored in each dtype (int4: half a byte; per-group
     scales of quantized formats are not included)."""
     return {d: parameters * bytes_per_element(d) for d in dtypes}
@@ -315,7 +317,7 @@ def accelerate_estimate(model: torch.nn.Module, name: str = "model",
 
 
 def _trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return count_parameters(model, trainable=True)
 
 
 def _llm_train_step(built: workloads.Built) -> tuple[Callable, tuple, dict]:
@@ -403,10 +405,10 @@ def footprint(spec: ProxySpec, seq_len: int = 2048, batch: int = 1, dtype: str =
     torch_dtype = torch.float32 if wl.domain == "nerf" else parse_dtype(dtype)
     sl = seq_len if wl.domain == "llm" else None
     built = workloads.build(spec.workload, device="meta", dtype=torch_dtype, batch=batch, seq_len=sl)
-    params = sum(p.numel() for p in built.model.parameters())
+    params = count_parameters(built.model)
     row: dict[str, Any] = {"workload": spec.workload, "phase": spec.phase, "dtype": str(torch_dtype).split(".")[-1],
                            "parameters": params}
-    row.update({f"weights_{d}": b for d, b in weight_bytes(params).items()})
+    row.update({f"weights_{d}": b for d, b in weight_bytes_by_dtype(params).items()})
     ph = built.phase(spec.phase)
     args, kw = ph.make_inputs()
     if ph.backward:
@@ -450,16 +452,16 @@ def footprint_table(specs=PROXIES, seq_len: int = 2048, batch: int = 1, dtype: s
 def _llm_sizes(workload: str) -> tuple[int, int]:
     """(parameters, KV-cache elements per token) of a decoder LM, from its meta build."""
     built = workloads.build(workload, device="meta")
-    return (sum(p.numel() for p in built.model.parameters()),
+    return (count_parameters(built.model),
             workloads.kv_cache_bytes_per_token(built.config, 1))
 
 
 def serving_memory(workload: str, batch: int | np.ndarray, context: int, dtype: str = "fp16",
-                   activation_fraction: float = 0.05, hw: Hardware | None = None) -> pd.DataFrame:
+                   reserve_fraction: float = RESERVE_FRACTION, hw: Hardware | None = None) -> pd.DataFrame:
     """Memory of serving an LLM: weights + KV cache of ``batch`` sequences of ``context``
-    tokens + activations, per batch size (bytes). Activations are taken as
-    ``activation_fraction`` of the chip's capacity when ``hw`` is given (vLLM's Figure 1:
-    "others" ~5% of an A100-40GB), else 0.
+    tokens + the runtime reserve, per batch size (bytes). The reserve is the package's one rule
+    (:mod:`cohw_utils.views.memory_budget`: ``reserve_fraction`` of the chip's capacity, 10% by
+    default, vLLM's ``gpu_memory_utilization=0.9``) when ``hw`` is given, else 0.
     """
     if np.any(np.asarray(batch) < 0) or context < 0:
         raise CohwError(f"batch and context must be >= 0, got batch={batch!r}, context={context!r}")
@@ -467,24 +469,24 @@ def serving_memory(workload: str, batch: int | np.ndarray, context: int, dtype: 
     b = bytes_per_element(dtype)
     kv = kv1 * b  # the KV cache is stored in ``dtype`` too
     batch = np.atleast_1d(np.asarray(batch))
-    act = activation_fraction * hw.mem_bytes if hw is not None and hw.mem_bytes else 0.0
+    reserve = hw.mem_bytes - usable_bytes(hw, reserve_fraction) if hw is not None and hw.mem_bytes else 0.0
     return pd.DataFrame({"batch": batch, "weights": params * b, "kv_cache": batch * context * kv,
-                         "activations": act, "total": params * b + batch * context * kv + act})
+                         "reserve": reserve, "total": params * b + batch * context * kv + reserve})
 
 
 def max_batch(workload: str, hw: Hardware, context: int, dtype: str = "fp16",
-              activation_fraction: float = 0.05) -> int:
-    """Largest batch of ``context``-token sequences whose weights + KV cache + activations
-    fit in ``hw``'s memory (0 when the weights alone do not fit)."""
+              reserve_fraction: float = RESERVE_FRACTION) -> int:
+    """Largest batch of ``context``-token sequences whose weights + KV cache fit in ``hw``'s
+    memory less the runtime reserve (0 when the weights alone do not fit)."""
     if hw.mem_bytes is None:
         raise CohwError(f"{hw.name} has no memory capacity figure; add memory_gb to its hardware.csv row")
-    base = serving_memory(workload, 0, context, dtype, activation_fraction, hw)
-    per = serving_memory(workload, 1, context, dtype, activation_fraction, hw)["kv_cache"].iloc[0]
+    base = serving_memory(workload, 0, context, dtype, reserve_fraction, hw)
+    per = serving_memory(workload, 1, context, dtype, reserve_fraction, hw)["kv_cache"].iloc[0]
     free = hw.mem_bytes - base["total"].iloc[0]
     return max(0, int(math.floor(free / per))) if per > 0 else 0
 
 
-def plot_memory_vs_batch(workloads_: list[str], chips: list[Hardware], context: int = 2048,
+def fig_memory_vs_batch(workloads_: list[str], chips: list[Hardware], context: int = 2048,
                          dtype: str = "fp16", max_b: int = 64) -> Figure:
     """Serving memory (weights + KV cache + activations) against batch size for each LLM, with
     each chip's capacity as a horizontal line: where a curve crosses a line is that chip's
@@ -505,7 +507,7 @@ def plot_memory_vs_batch(workloads_: list[str], chips: list[Hardware], context: 
         ax.annotate(f"{' / '.join(names)}: {cap / 1e9:.0f} GB", (max_b, cap / 1e9), fontsize=7,
                     ha="right", va="bottom", color="dimgray")
     ax.set(xlabel="batch size (sequences)", ylabel="memory (GB)",
-           title="Serving memory vs batch: weights (dotted) + KV cache + activations")
+           title="Serving memory vs batch: weights (dotted) + KV cache")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()

@@ -5,7 +5,7 @@ into *tensor contractions*, *statistical normalizations* and *element-wise* oper
 found that in PyTorch the contractions do 99.80% of the FLOPs but take only 61.0% of the
 runtime, normalizations 0.17% / 25.5%, element-wise 0.03% / 13.5% (their Table 1, training
 one layer, batch 8, sequence 512, on a V100). The table is a data file
-(``data/ivanov2021_bert.csv``, :func:`paper_table`).
+(``data/ivanov2021_bert.csv``, :func:`ivanov_table`).
 
 Here the op table's ``op_class`` column (:mod:`cohw_utils.spine.costs`) plays the role of their
 classes: ``contraction`` = tensor contraction, ``normalization`` = statistical normalization
@@ -54,6 +54,7 @@ from cohw_utils.spine.costs import CONTRACTION, DATA_MOVEMENT, ELEMENTWISE, NORM
 from cohw_utils.core.errors import CohwError
 from cohw_utils.spine.optable import module_prefix
 from cohw_utils.core.data import DATA_DIR
+from cohw_utils.spine import optable
 
 DATA = DATA_DIR
 CONFIGS = DATA / "configs"
@@ -272,10 +273,10 @@ def layer_only(table: pd.DataFrame, prefix: str | None) -> pd.DataFrame:
     return out
 
 
-def class_shares(table: pd.DataFrame) -> pd.DataFrame:
+def measured_class_shares(table: pd.DataFrame) -> pd.DataFrame:
     """Per operator class of a profiled op table: ops, FLOPs, bytes moved, time, the % of
     FLOPs and % of runtime, and achieved GFLOP/s and GB/s. Views are dropped."""
-    t = table[table["op_class"] != VIEW].assign(bytes_moved=lambda d: d["bytes_read"] + d["bytes_written"])
+    t = table[table["op_class"] != VIEW].pipe(optable.with_bytes_moved)
     if "time_s" not in t:
         raise CohwError("class_shares needs a profiled table (cohw_utils.spine.measure.profile_ops or opclasses.profile)")
     g = t.groupby("op_class").agg(ops=("op", "size"), flops=("flops", "sum"),
@@ -289,7 +290,7 @@ def class_shares(table: pd.DataFrame) -> pd.DataFrame:
     return g
 
 
-def paper_table() -> pd.DataFrame:
+def ivanov_table() -> pd.DataFrame:
     """Ivanov et al.'s Table 1: index = their class, columns flop_% and runtime_%."""
     raw = pd.read_csv(DATA / "ivanov2021_bert.csv")
     wide = raw.pivot_table(index="row", columns="metric", values="value", aggfunc="first")
@@ -305,7 +306,7 @@ def compare_with_paper(shares: pd.DataFrame) -> pd.DataFrame:
     """Our class shares beside the paper's: one row per class (the paper's three, then ours
     that it has no row for), columns ``flops_% (ours)``, ``flops_% (paper)``, ``runtime_%
     (ours)``, ``runtime_% (paper)`` and ``runtime/FLOP share (ours)``."""
-    paper = paper_table()
+    paper = ivanov_table()
     rows = []
     for cls in CLASS_ORDER:
         if cls not in shares.index and cls not in PAPER_CLASS:
@@ -326,7 +327,7 @@ def compare_with_paper(shares: pd.DataFrame) -> pd.DataFrame:
 def module_rates(table: pd.DataFrame, depth: int | None = None) -> pd.DataFrame:
     """Per module (path cut to ``depth``): ops, FLOPs, bytes, measured time, achieved GFLOP/s
     and GB/s, and the share of the table's time; largest time first."""
-    t = table[table["op_class"] != VIEW].assign(bytes_moved=lambda d: d["bytes_read"] + d["bytes_written"])
+    t = table[table["op_class"] != VIEW].pipe(optable.with_bytes_moved)
     key = t["module"].map(lambda m: module_prefix(m, depth))
     g = t.groupby(key).agg(ops=("op", "size"), flops=("flops", "sum"), bytes_moved=("bytes_moved", "sum"),
                            time_s=("time_s", "sum"))
@@ -337,7 +338,7 @@ def module_rates(table: pd.DataFrame, depth: int | None = None) -> pd.DataFrame:
     return g.sort_values("time_s", ascending=False)
 
 
-def hotspots(table: pd.DataFrame, n: int = 10, peak_flops: float | None = None,
+def slowest_ops(table: pd.DataFrame, n: int = 10, peak_flops: float | None = None,
              mem_bw: float | None = None, classes: tuple[str, ...] | None = None) -> pd.DataFrame:
     """The ``n`` op rows that take the most measured time (of the given ``classes``, default
     all), with FLOPs, bytes, intensity, achieved GFLOP/s and GB/s; with ``peak_flops`` and
@@ -351,7 +352,7 @@ def hotspots(table: pd.DataFrame, n: int = 10, peak_flops: float | None = None,
         "op": t["op"].str.removeprefix("aten.").str.removesuffix(".default"),
         "module": t["module"], "class": t["op_class"], "pass": t["pass"],
         "time_ms": 1e3 * t["time_s"], "time_%": 100 * t["time_s"] / table["time_s"].sum(),
-        "flops": t["flops"], "bytes_moved": t["bytes_read"] + t["bytes_written"],
+        "flops": t["flops"], "bytes_moved": optable.bytes_moved(t),
         "intensity": t["intensity"], "GFLOP/s": t["achieved_flops"] / 1e9, "GB/s": t["achieved_bw"] / 1e9,
     })
     if peak_flops and mem_bw:
@@ -361,12 +362,12 @@ def hotspots(table: pd.DataFrame, n: int = 10, peak_flops: float | None = None,
     return out.reset_index(drop=True)
 
 
-def figure(comparisons: dict[str, pd.DataFrame]):
+def fig_class_shares(comparisons: dict[str, pd.DataFrame]):
     """Stacked bars of % FLOPs and % runtime per class, for the paper and each measured block
-    (``comparisons``: name -> :func:`class_shares` table)."""
+    (``comparisons``: name -> :func:`measured_class_shares` table)."""
     import matplotlib.pyplot as plt
 
-    paper = paper_table()
+    paper = ivanov_table()
     bars: list[tuple[str, dict[str, float]]] = [
         ("paper FLOPs", dict(zip(PAPER_CLASS, paper["flop_%"]))),
         ("paper runtime", dict(zip(PAPER_CLASS, paper["runtime_%"])))]
@@ -391,7 +392,7 @@ def figure(comparisons: dict[str, pd.DataFrame]):
 
 def measure_class_shares(block: str = "bert", repeats: int = 3, **options: Any) -> pd.DataFrame:
     """Build a block (``"bert"``, ``"llama-prefill"``, ``"llama-decode"``, ``"unet"``),
-    profile it and return its :func:`class_shares` (restricted to the layer for the Llama
+    profile it and return its :func:`measured_class_shares` (restricted to the layer for the Llama
     slice). A plain function of picklable arguments, so that
     :func:`cohw_utils.studies.performance.fusion.run_in_subprocess` can run it in a fresh process."""
     builders = {"bert": bert_layer, "unet": unet_block,
@@ -401,12 +402,12 @@ def measure_class_shares(block: str = "bert", repeats: int = 3, **options: Any) 
         raise CohwError(f"unknown block '{block}'; use one of: {', '.join(builders)}")
     blk = builders[block](**options)
     table = profile(blk, repeats=repeats)
-    shares = class_shares(layer_only(table, blk.layer_prefix))
+    shares = measured_class_shares(layer_only(table, blk.layer_prefix))
     shares.attrs = {"block": blk.description, "wall_s": table.attrs["wall_s"]}
     return shares
 
 
-def roofline_figure(table: pd.DataFrame, peak_flops: float, mem_bw: float, title: str = ""):
+def fig_class_roofline(table: pd.DataFrame, peak_flops: float, mem_bw: float, title: str = ""):
     """Each timed op as a point of achieved GFLOP/s against arithmetic intensity (log-log),
     coloured by class and sized by time, under this machine's roofline (``peak_flops``,
     ``mem_bw``: the probe's figures)."""

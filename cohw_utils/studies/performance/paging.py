@@ -67,6 +67,8 @@ from cohw_utils.core.dtypes import bytes_per_element
 from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import Hardware
 from cohw_utils.core.data import DATA_DIR
+from cohw_utils.core.params import count_parameters
+from cohw_utils.views.memory_budget import RESERVE_FRACTION, usable_bytes
 
 DATA = DATA_DIR
 VLLM_CSV = DATA / "vllm_paging.csv"
@@ -147,20 +149,21 @@ class ServingModel:
 
 
 def serving_model(workload: str, hw: Hardware, dtype: str = "fp16",
-                  other_fraction: float = 0.05) -> ServingModel:
-    """The KV budget on ``hw``: capacity - weights - ``other_fraction`` x capacity for
-    activations and the rest (the vLLM paper's Figure 1: weights ~65%, KV ~30% of an
-    A100-40GB for a 13B model, ~5% other)."""
+                  reserve_fraction: float = RESERVE_FRACTION) -> ServingModel:
+    """The KV budget on ``hw``: capacity less the runtime reserve (the package's one rule,
+    :mod:`cohw_utils.views.memory_budget`: 10% by default, vLLM's ``gpu_memory_utilization=0.9``)
+    less the weights. (The vLLM paper's Figure 1 draws weights ~65%, KV ~30% and ~5% other on
+    an A100-40GB for a 13B model.)"""
     from cohw_utils.studies.performance.mbu import weight_bytes_read
 
     built = workloads.build(workload, device="meta")
     model, cfg = built.model, built.config
     b = bytes_per_element(dtype)
-    params = sum(p.numel() for p in model.parameters())
+    params = count_parameters(model)
     weights = params * b
     if hw.mem_bytes is None:
         raise CohwError(f"{hw.name} has no memory capacity figure; cannot size its KV cache")
-    budget = hw.mem_bytes * (1 - other_fraction) - weights
+    budget = usable_bytes(hw, reserve_fraction) - weights
     if budget <= 0:
         raise CohwError(f"{workload} in {dtype} ({weights / 1e9:.1f} GB) does not fit on {hw.name} "
                         f"({hw.mem_bytes / 1e9:.0f} GB); pick a larger chip or a smaller model")
@@ -178,7 +181,7 @@ def _next_pow2(x: int) -> int:
     return 1 << (int(x) - 1).bit_length()
 
 
-def simulate(requests: pd.DataFrame, sm: ServingModel, scheme: str, max_len: int = 2048,
+def simulate_serving(requests: pd.DataFrame, sm: ServingModel, scheme: str, max_len: int = 2048,
              block_size: int = 16, max_batch: int = 256, watermark: float = 0.01) -> dict[str, Any]:
     """Serve ``requests`` under ``scheme`` (see the module docstring); returns the averages
     (shares in %), batch statistics, throughput bound and counts.
@@ -326,7 +329,7 @@ def compare_schemes(workload: str = "llama-2-13b", hw: Hardware | None = None, n
     hw = hw or get_hardware("A100-40GB")
     sm = serving_model(workload, hw, dtype)
     req = sample_requests(n, dataset, max_len, seed)
-    rows = [simulate(req, sm, s, max_len, block_size) for s in SCHEMES]
+    rows = [simulate_serving(req, sm, s, max_len, block_size) for s in SCHEMES]
     out = pd.DataFrame(rows).set_index("scheme")
     out["x_vs_max"] = out["tokens_per_s"] / out.loc["contiguous-max", "tokens_per_s"]
     out.attrs.update(serving_model=sm, mean_prompt=float(req["prompt"].mean()),
@@ -364,7 +367,7 @@ def beside_paper(ours: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.Da
     return pd.DataFrame(rows).set_index("scheme")
 
 
-def plot_paging(ours: pd.DataFrame, paper: pd.DataFrame | None = None) -> Figure:
+def fig_paging(ours: pd.DataFrame, paper: pd.DataFrame | None = None) -> Figure:
     """Stacked bars of KV memory use per scheme (ours), with the paper's token-state share
     for the matching system as a black tick."""
     paper = load_vllm() if paper is None else paper

@@ -70,7 +70,7 @@ def novel_ops(op_sets: Mapping[str, set[str]], baseline: tuple[str, ...] = BASEL
     return {w: sorted(s - base) for w, s in op_sets.items()}
 
 
-def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
+def validate_weights(weights: Mapping[str, float]) -> dict[str, float]:
     """Validate criterion weights: known names, non-negative, not all zero."""
     unknown = set(weights) - set(CRITERIA)
     if unknown:
@@ -88,7 +88,7 @@ def rank(features: pd.DataFrame, weights: Mapping[str, float] = DEFAULT_WEIGHTS)
     ``novelty`` and ``memory_bound`` (0..1). Returns the normalised criteria, the weighted
     ``score``, the ``rank`` (1 = highest priority) and a one-line ``reasoning`` per workload.
     """
-    w = check_weights(weights)
+    w = validate_weights(weights)
     missing = [c for c in CRITERIA if c not in features.columns]
     if missing:
         raise CohwError(f"features lack criteria columns {missing}")

@@ -1,0 +1,123 @@
+"""The workload registry: :data:`WORKLOADS` (the nine proxy workloads, by name),
+:func:`get_workload` (by name, or a decoder LM from a Hugging Face ``config.json`` path),
+:func:`build` and :func:`list_workloads`.
+
+It is the one module that knows every family (:mod:`~cohw_utils.workloads.llm`,
+:mod:`~cohw_utils.workloads.diffusion`, :mod:`~cohw_utils.workloads.vision`,
+:mod:`~cohw_utils.workloads.nerf`, :mod:`~cohw_utils.workloads.dreamfusion`); the families never
+import it. Chapters 1-5 all build workloads through :func:`build`, re-exported as
+``cohw_utils.workloads.build`` with the rest of this module's public names.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cohw_utils.core.errors import UnknownWorkloadError
+from cohw_utils.workloads.base import Built, Workload, _workload
+from cohw_utils.workloads.diffusion import _build_sd15
+from cohw_utils.workloads.dreamfusion import _build_dreamfusion
+from cohw_utils.workloads.helpers import CONFIG_DIR
+from cohw_utils.workloads.llm import _build_causal_lm, _hf_path_workload
+from cohw_utils.workloads.nerf import _build_nerfacto, _build_vanilla_nerf
+from cohw_utils.workloads.vision import _TINY_RESNET, _TINY_VIT, _build_vision
+
+
+_LLAMA_SOURCE = ("Touvron et al., Llama 2: Open Foundation and Fine-Tuned Chat Models, arXiv:2307.09288; "
+                 "https://huggingface.co/meta-llama/{}")
+
+
+def _llama(size: str, note: str) -> Workload:
+    repo = f"Llama-2-{size}-hf"
+    return _workload(
+        f"llama-2-{size}", "llm", f"Llama-2-{size.upper()} decoder LM ({note}), fp16 inference: prefill and decode",
+        _LLAMA_SOURCE.format(repo), "transformers", ("prefill", "decode"), torch.float16,
+        _build_causal_lm, config_path=CONFIG_DIR / f"llama-2-{size}" / "config.json",
+    )
+
+
+WORKLOADS: dict[str, Workload] = {wl.name: wl for wl in [
+    _llama("7b", "32 layers, hidden 4096, 32 heads MHA"),
+    _llama("13b", "40 layers, hidden 5120, 40 heads MHA"),
+    _llama("70b", "80 layers, hidden 8192, 64 heads with 8 KV heads GQA"),
+    _workload(
+        "sd-1.5", "diffusion",
+        "Stable Diffusion 1.5 text-to-image: CLIP ViT-L/14 text encoder, 860M UNet, KL VAE decoder",
+        "Rombach et al., High-Resolution Image Synthesis with Latent Diffusion Models, CVPR 2022; "
+        "https://huggingface.co/runwayml/stable-diffusion-v1-5",
+        "diffusers", ("text_encoder", "unet_step", "vae_decode"), torch.float16, _build_sd15),
+    _workload(
+        "vit-b-16", "vision", "ViT-B/16 image classifier, 224x224, 1000 classes",
+        "Dosovitskiy et al., An Image is Worth 16x16 Words, ICLR 2021; https://huggingface.co/google/vit-base-patch16-224",
+        "transformers", ("forward",), torch.float32, _build_vision, config_name="vit-b-16", tiny=_TINY_VIT),
+    _workload(
+        "resnet-50", "vision", "ResNet-50 image classifier, 224x224, 1000 classes",
+        "He et al., Deep Residual Learning for Image Recognition, CVPR 2016; https://huggingface.co/microsoft/resnet-50",
+        "transformers", ("forward",), torch.float32, _build_vision, config_name="resnet-50", tiny=_TINY_RESNET),
+    _workload(
+        "nerfacto", "nerf", "Nerfacto: hash-grid NeRF with proposal sampling (nerfstudio defaults)",
+        "Tancik et al., Nerfstudio: A Modular Framework for Neural Radiance Field Development, SIGGRAPH 2023; "
+        "https://github.com/nerfstudio-project/nerfstudio (nerfstudio/models/nerfacto.py)",
+        "nerfstudio", ("render", "train_step"), torch.float32, _build_nerfacto),
+    _workload(
+        "vanilla-nerf", "nerf", "Vanilla NeRF: 8x256 MLP, 64 coarse + 128 fine samples per ray",
+        "Mildenhall et al., NeRF: Representing Scenes as Neural Radiance Fields for View Synthesis, ECCV 2020; "
+        "https://github.com/nerfstudio-project/nerfstudio (nerfstudio/models/vanilla_nerf.py)",
+        "nerfstudio", ("render", "train_step"), torch.float32, _build_vanilla_nerf),
+    _workload(
+        "dreamfusion-sd", "text-to-3d",
+        "DreamFusion-style score distillation step: Nerfacto render -> SD 1.5 VAE/UNet guidance -> backward into the NeRF",
+        "Poole et al., DreamFusion: Text-to-3D using 2D Diffusion, arXiv:2209.14988; "
+        "https://github.com/ashawkey/stable-dreamfusion (guidance/sd_utils.py)",
+        "diffusers", ("sds_step",), torch.float16, _build_dreamfusion),
+]}
+
+
+def list_workloads():
+    """The registry as a DataFrame: name, domain, library, phases, source."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        [{"name": w.name, "domain": w.domain, "library": w.library, "phases": ", ".join(w.phases),
+          "source": w.source} for w in WORKLOADS.values()],
+        columns=["name", "domain", "library", "phases", "source"],
+    )
+
+
+def _unknown(name: str, why: str = "") -> UnknownWorkloadError:
+    return UnknownWorkloadError(
+        f"unknown workload '{name}'{why}; known: {', '.join(WORKLOADS)}; "
+        "or pass a path to a Hugging Face config.json"
+    )
+
+
+def get_workload(name_or_path) -> Workload:
+    """A registered workload by name (case-insensitive), or a decoder-LM workload built from a
+    Hugging Face ``config.json`` path (file or folder). Unknown names raise
+    :class:`UnknownWorkloadError` listing the known ones; a bad config file raises
+    :class:`ConfigError`."""
+    if isinstance(name_or_path, Workload):
+        return name_or_path
+    key = str(name_or_path).strip()
+    if key.lower() in WORKLOADS:
+        return WORKLOADS[key.lower()]
+    path = Path(key).expanduser()
+    if path.is_file() or (path.is_dir() and (path / "config.json").is_file()):
+        return _hf_path_workload(path)
+    if path.is_dir():
+        raise _unknown(key, " (a folder with no config.json in it)")
+    looks_like_path = key.endswith(".json") or "/" in key or "\\" in key
+    raise _unknown(key, " (no such file)" if looks_like_path else "")
+
+
+def build(name_or_path, scale: str = "full", device="meta", dtype=None, batch: int = 1,
+          seq_len: int | None = None, **kw) -> Built:
+    """Build a workload: ``get_workload(name_or_path).builder(scale, device, dtype, batch, seq_len, **kw)``.
+
+    ``scale`` "full" (published config; default on ``meta``) or "tiny" (shrunk, for cpu).
+    ``dtype=None`` -> the workload's published dtype (fp16 for the LLMs and Stable Diffusion),
+    float32 on cpu. ``kw``: workload options (e.g. ``image_size`` for sd-1.5, ``rays`` for the
+    NeRFs, ``latent_mode`` for dreamfusion-sd); unknown options raise :class:`CohwError`.
+    """
+    return get_workload(name_or_path).builder(scale, device, dtype, batch, seq_len, **kw)

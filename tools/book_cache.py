@@ -1,0 +1,54 @@
+"""Keep the book's execution cache honest: a notebook re-executes when its code *or the package*
+changes.
+
+``make book`` executes notebooks through jupyter-cache (``execute_notebooks: cache`` in
+``_config.yml``, the cache in ``_build/.jupyter_cache``), which re-runs a notebook only when its
+code cells change. But every chapter's numbers come from ``cohw_utils``: a changed cost rule,
+data file or pinned requirement must re-execute every chapter too. This script hashes the
+package, its data files and the requirements; when the hash differs from the one the cache was
+built with (or with ``--force``), it deletes the cache, so the next build executes everything.
+
+    python tools/book_cache.py [--force]      # `make book FORCE=1` passes --force
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "_build" / ".jupyter_cache"
+KEY = ROOT / "_build" / ".jupyter_cache.key"
+INPUTS = ("cohw_utils", "requirements.txt", "requirements-nodeps.txt", "pyproject.toml")
+
+
+def package_hash() -> str:
+    h = hashlib.sha256()
+    for name in INPUTS:
+        p = ROOT / name
+        files = sorted(f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.relative_to(ROOT)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def main(argv: list[str]) -> int:
+    force = "--force" in argv
+    key = package_hash()
+    old = KEY.read_text().strip() if KEY.exists() else None
+    if force or old != key:
+        if CACHE.exists():
+            shutil.rmtree(CACHE)
+            why = "forced" if force else "the package, its data or the requirements changed"
+            print(f"book_cache: cleared the execution cache ({why}); every chapter executes")
+        KEY.parent.mkdir(parents=True, exist_ok=True)
+        KEY.write_text(key + "\n")
+    else:
+        print("book_cache: package unchanged; chapters whose code is unchanged come from the cache")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
