@@ -16,7 +16,7 @@ the provider is missing, the file says so and has no onnxruntime rows. Training 
 out (they do not export; see the chapter).
 
 Writes ``cohw_utils/data/gpu/enabling.json``: ``device``, ``versions``, ``date``, ``method``,
-``onnxruntime_cuda`` and ``rows`` (the columns of :func:`cohw_utils.studies.enabling.enabling.latency_table`).
+``onnxruntime_cuda`` and ``rows`` (the columns of :func:`cohw_utils.studies.enabling.latency.latency_table`).
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cohw_utils import enabling  # noqa: E402
+from cohw_utils.studies.enabling import export  # noqa: E402
+from cohw_utils.studies.enabling.latency import latency  # noqa: E402
 
 OUT = ROOT / "cohw_utils" / "data" / "gpu" / "enabling.json"
 
@@ -54,30 +55,30 @@ def main(argv: list[str] | None = None) -> int:
     cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers() and a.device.startswith("cuda")
     providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if cuda_ep else ("CPUExecutionProvider",)
     rows = []
-    for name, phase, dtype in enabling.plan(a.workloads, [a.dtype]):
+    for name, phase, dtype in export.plan(a.workloads, [a.dtype]):
         try:
-            _, ph = enabling.build_phase(name, phase, dtype, device=a.device)
+            _, ph = export.build_phase(name, phase, dtype, device=a.device)
         except Exception as e:  # noqa: BLE001 - e.g. a float32-only workload in fp16
             print(f"skip {name}:{phase} ({e})")
             continue
         if ph.backward:  # training steps do not export (see the chapter)
             continue
         backends = ["eager", "compile"]
-        conv = enabling.Conversion(name, phase, dtype, backward=False, status="ok", phase_obj=ph)
+        conv = export.Conversion(name, phase, dtype, backward=False, status="ok", phase_obj=ph)
         if cuda_ep or not a.device.startswith("cuda"):
-            cpu_conv = enabling.convert(name, phase, dtype)
+            cpu_conv = export.convert(name, phase, dtype)
             if cpu_conv.onnx_model is not None:
-                conv.session = enabling.ort_session(cpu_conv.onnx_model, providers)
+                conv.session = export.ort_session(cpu_conv.onnx_model, providers)
                 conv.export_s, conv.onnx_s, conv.session_s = cpu_conv.export_s, cpu_conv.onnx_s, cpu_conv.session_s
                 backends.append("onnxruntime")
-        for r in enabling.latency(conv, backends, a.repeats, a.warmup, device=a.device):
+        for r in latency(conv, backends, a.repeats, a.warmup, device=a.device):
             r["device"] = a.device if r["backend"] != "onnxruntime" else ",".join(providers)
             rows.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
         print(f"{name}:{phase} done")
     dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu (script test)"
     data = {
         "device": dev,
-        "versions": {**enabling.versions(), "cuda": torch.version.cuda, "python": sys.version.split()[0]},
+        "versions": {**export.versions(), "cuda": torch.version.cuda, "python": sys.version.split()[0]},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "method": (f"tiny-scale phases in {a.dtype}; cohw_utils.spine.measure.time_callable, median of {a.repeats} "
                    f"calls after {a.warmup} warm-up, inputs rebuilt untimed before each call; torch.compile "

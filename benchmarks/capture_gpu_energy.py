@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from cohw_utils import power, workloads  # noqa: E402
+from cohw_utils.hardware import power_meters as power  # noqa: E402
+from cohw_utils import workloads  # noqa: E402
 from cohw_utils.core.errors import CohwError  # noqa: E402
 
 DEFAULT_OUT = ROOT / "cohw_utils" / "data" / "gpu" / "energy.json"

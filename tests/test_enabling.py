@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from cohw_utils.studies.enabling import enabling
-from cohw_utils.studies.enabling.enabling import TOLERANCES, Failure, _compare, classify_failure, flatten
+from cohw_utils.studies.enabling import decompose, export, failures, latency, offload
+from cohw_utils.studies.enabling.failures import Failure, classify_failure
+from cohw_utils.studies.enabling.flatten import flatten
+from cohw_utils.studies.enabling.parity import TOLERANCES, _compare
 from cohw_utils.core.errors import CohwError
 
 
@@ -58,16 +60,16 @@ def _chain(outer: str, inner: str) -> Exception:
 
 @pytest.mark.parametrize("message, stage, klass, op", [
     ("No ONNX function found for <OpOverload(op='aten.searchsorted', overload='Tensor')>. Failure message: x",
-     "onnx conversion", enabling.UNSUPPORTED_OP, "aten.searchsorted.Tensor"),
+     "onnx conversion", failures.UNSUPPORTED_OP, "aten.searchsorted.Tensor"),
     ("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for MatMul(13) node with name ''",
-     "onnxruntime session", enabling.UNSUPPORTED_OP, "MatMul"),
+     "onnxruntime session", failures.UNSUPPORTED_OP, "MatMul"),
     ("Constraints violated (L['ts'][0].size()[0])! You marked it as dynamic but your code specialized it",
-     "torch.export (dynamic)", enabling.DYNAMIC_SHAPES, ""),
+     "torch.export (dynamic)", failures.DYNAMIC_SHAPES, ""),
     ("Could not guard on data-dependent expression Eq(u0, 1) (unhinted: Eq(u0, 1))",
-     "torch.export", enabling.DATA_DEPENDENT, ""),
+     "torch.export", failures.DATA_DEPENDENT, ""),
     ("No ONNX function found for <OpOverload(op='tcnn.hash_encode', overload='default')>",
-     "onnx conversion", enabling.CUSTOM_KERNEL, "tcnn.hash_encode.default"),
-    ("something nobody anticipated", "onnx conversion", enabling.OTHER, ""),
+     "onnx conversion", failures.CUSTOM_KERNEL, "tcnn.hash_encode.default"),
+    ("something nobody anticipated", "onnx conversion", failures.OTHER, ""),
 ])
 def test_classify_failure(message, stage, klass, op):
     f = classify_failure(RuntimeError(message), stage)
@@ -78,10 +80,10 @@ def test_classify_failure(message, stage, klass, op):
 def test_training_capture_failures_are_autograd_and_causes_are_read():
     f = classify_failure(RuntimeError("We found a fake tensor in the exported program constant's list"),
                          "torch.export", backward=True)
-    assert f.klass == enabling.AUTOGRAD
+    assert f.klass == failures.AUTOGRAD
     f = classify_failure(_chain("wrapper failed", "Could not find an implementation for Conv(11) node"),
                          "onnxruntime session")
-    assert f.klass == enabling.UNSUPPORTED_OP and f.op == "Conv"
+    assert f.klass == failures.UNSUPPORTED_OP and f.op == "Conv"
 
 
 # ------------------------------------------------------------------------------ parity
@@ -103,43 +105,43 @@ def test_searchsorted_by_comparison_matches_torch(side):
     seq = torch.sort(torch.rand(3, 17, generator=g), dim=-1).values
     seq[:, 5] = seq[:, 4]  # ties exercise left vs right
     vals = torch.cat([torch.rand(3, 9, generator=g), seq[:, 4:5], seq[:, :1] - 1, seq[:, -1:] + 1], dim=-1)
-    ours = enabling.searchsorted_by_comparison(seq, vals, side=side)
+    ours = decompose.searchsorted_by_comparison(seq, vals, side=side)
     assert torch.equal(ours, torch.searchsorted(seq, vals, side=side))
-    assert enabling.searchsorted_by_comparison(seq, vals, out_int32=True, right=side == "right").dtype == torch.int32
+    assert decompose.searchsorted_by_comparison(seq, vals, out_int32=True, right=side == "right").dtype == torch.int32
     flat = torch.linspace(0, 1, 11)
-    assert torch.equal(enabling.searchsorted_by_comparison(flat, vals, side=side),
+    assert torch.equal(decompose.searchsorted_by_comparison(flat, vals, side=side),
                        torch.searchsorted(flat, vals, side=side))
 
 
 # ------------------------------------------------------------------------------ bad input
 def test_bad_input_names_the_fix():
     with pytest.raises(CohwError, match="unknown workload"):
-        enabling.convert("llama-9", "prefill")
+        export.convert("llama-9", "prefill")
     with pytest.raises(CohwError, match="no phase 'decode'.*forward"):
-        enabling.convert("vit-b-16", "decode")
+        export.convert("vit-b-16", "decode")
     with pytest.raises(CohwError, match="tolerance"):
-        enabling.convert("vit-b-16", "forward", "int8")
+        export.convert("vit-b-16", "forward", "int8")
     with pytest.raises(CohwError, match="tolerance"):
-        enabling.plan(["vit-b-16"], ["int4"])
+        export.plan(["vit-b-16"], ["int4"])
 
 
 def test_plan_keeps_nerfs_in_fp32():
-    p = enabling.plan(["vanilla-nerf", "vit-b-16", "dreamfusion-sd"], ["fp32", "bf16"])
+    p = export.plan(["vanilla-nerf", "vit-b-16", "dreamfusion-sd"], ["fp32", "bf16"])
     assert p == [("vanilla-nerf", "render", "fp32"), ("vanilla-nerf", "train_step", "fp32"),
                  ("vit-b-16", "forward", "fp32"), ("vit-b-16", "forward", "bf16"),
                  ("dreamfusion-sd", "sds_step", "fp32")]
-    assert len(enabling.plan()) == 16  # every phase of the registry in fp32
+    assert len(export.plan()) == 16  # every phase of the registry in fp32
 
 
 # ------------------------------------------------------------------------------ real conversions
 @pytest.fixture(scope="module")
 def prefill():
-    return enabling.convert("llama-2-70b", "prefill")
+    return export.convert("llama-2-70b", "prefill")
 
 
 @pytest.fixture(scope="module")
 def render():
-    return enabling.convert("vanilla-nerf", "render", dynamic=False)
+    return export.convert("vanilla-nerf", "render", dynamic=False)
 
 
 def test_llm_prefill_converts_with_dynamic_prompt_and_parity(prefill):
@@ -159,51 +161,51 @@ def test_llm_prefill_converts_with_dynamic_prompt_and_parity(prefill):
 def test_nerf_render_fails_on_searchsorted_and_decomposition_fixes_it(render):
     c = render
     assert c.status == "failed" and c.failure.stage == "onnx conversion"
-    assert c.failure.klass == enabling.UNSUPPORTED_OP and c.failure.op == "aten.searchsorted.Tensor"
-    assert enabling.fixable(c)
-    f = enabling.fix(c)
+    assert c.failure.klass == failures.UNSUPPORTED_OP and c.failure.op == "aten.searchsorted.Tensor"
+    assert export.fixable(c)
+    f = export.fix(c)
     assert f.ok and f.parity.passed and f.fix == "decompose searchsorted.Tensor"
     assert c.status == "failed"  # the original is left as it was
-    rows = enabling.parity_table([c, f])
-    assert list(rows.status) == ["failed", "ok"] and rows.failure_class.iloc[0] == enabling.UNSUPPORTED_OP
+    rows = export.parity_table([c, f])
+    assert list(rows.status) == ["failed", "ok"] and rows.failure_class.iloc[0] == failures.UNSUPPORTED_OP
     with pytest.raises(CohwError, match="no exported program"):
-        enabling.fix(enabling.Conversion("x", "y", "fp32", False))
+        export.fix(export.Conversion("x", "y", "fp32", False))
 
 
 def test_training_step_is_an_autograd_finding():
-    c = enabling.convert("vanilla-nerf", "train_step")
-    assert c.status == "failed" and c.failure.stage == "torch.export" and c.failure.klass == enabling.AUTOGRAD
+    c = export.convert("vanilla-nerf", "train_step")
+    assert c.status == "failed" and c.failure.stage == "torch.export" and c.failure.klass == failures.AUTOGRAD
     assert c.dynamic == "not tried (training step)"
-    ft = enabling.failure_table([c])
-    assert list(ft["class"]) == [enabling.AUTOGRAD]
+    ft = export.failure_table([c])
+    assert list(ft["class"]) == [failures.AUTOGRAD]
 
 
 def test_fp32_only_workload_is_not_applicable_in_bf16():
-    c = enabling.convert("nerfacto", "render", "bf16")
+    c = export.convert("nerfacto", "render", "bf16")
     assert c.status == "n/a" and c.failures == []
 
 
 def test_latency_rows_have_method_and_spread(prefill):
-    rows = enabling.latency(prefill, ("eager", "onnxruntime"), repeats=3, warmup=1)
+    rows = latency.latency(prefill, ("eager", "onnxruntime"), repeats=3, warmup=1)
     assert [r["backend"] for r in rows] == ["eager", "onnxruntime"]
     for r in rows:
         assert r["median_ms"] > 0 and r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["repeats"] == 3
         assert "median of 3 timed calls" in r["method"] and r["error"] == ""
     assert rows[1]["prepare_s"] == pytest.approx(prefill.export_s + prefill.onnx_s + prefill.session_s)
     with pytest.raises(CohwError, match="unknown backend"):
-        enabling.latency(prefill, ("tvm",))
+        latency.latency(prefill, ("tvm",))
 
 
 def test_offload_moves_the_nerf_fields_and_measures_shares():
-    o = enabling.offload("vanilla-nerf", "render", repeats=2, warmup=1)
+    o = offload.offload("vanilla-nerf", "render", repeats=2, warmup=1)
     assert sorted(o.on_target) == ["field_coarse", "field_fine"]
     assert o.parity.passed and 0.95 < o.flops_share <= 1.0 and 0 < o.time_share <= 1.0
-    t = enabling.offload_table([o])
+    t = offload.offload_table([o])
     assert t.on_target.iloc[0] == "field_coarse, field_fine" and t["parity"].iloc[0] == "pass"
 
 
 def test_offload_of_a_training_step_keeps_everything_in_pytorch():
-    o = enabling.offload("vanilla-nerf", "train_step", repeats=1, warmup=0)
+    o = offload.offload("vanilla-nerf", "train_step", repeats=1, warmup=0)
     assert o.on_target == [] and o.flops_share == 0 and o.time_share == 0 and o.parity.passed
     assert dict(o.kept)["field_coarse"] == "needs autograd"
     assert math.isfinite(o.timing.median)
@@ -213,8 +215,29 @@ def test_failure_dataclass_is_hashable_for_reports():
     assert len({Failure("s", "other", "x"), Failure("s", "other", "x")}) == 1
 
 
-def test_check_phase_names():
-    assert enabling.check_phase_names("all") == "all"
-    assert enabling.check_phase_names(["vit-b-16:forward"]) == {"vit-b-16:forward"}
+def test_validate_phase_names():
+    assert export.validate_phase_names("all") == "all"
+    assert export.validate_phase_names(["vit-b-16:forward"]) == {"vit-b-16:forward"}
     with pytest.raises(CohwError, match="unknown phase"):
-        enabling.check_phase_names(["vit-b-16:decode"])
+        export.validate_phase_names(["vit-b-16:decode"])
+
+
+def test_latency_tables_label_fixed_phases_and_pivot_by_backend():
+    rows = [{"workload": "w", "phase": "render", "fix": "", "backend": "eager", "median_ms": 2.0, "iqr_ms": 0.1,
+             "prepare_s": 0.0},
+            {"workload": "w", "phase": "render", "fix": "decompose searchsorted.Tensor", "backend": "onnxruntime",
+             "median_ms": 1.0, "iqr_ms": 0.2, "prepare_s": 4.0},
+            {"workload": "w", "phase": "render", "fix": "decompose searchsorted.Tensor", "backend": "eager",
+             "median_ms": 3.0, "iqr_ms": 0.3, "prepare_s": 0.0},
+            {"workload": "v", "phase": "forward", "fix": "", "backend": "compile", "median_ms": 5.0, "iqr_ms": 0.5,
+             "prepare_s": 30.0}]
+    lat = latency.latency_frame(rows)
+    assert list(lat.phase) == ["render", "render (decomposed)", "render (decomposed)", "forward"]
+    wide = latency.latency_pivot(lat)
+    assert list(wide.index) == [("w", "render"), ("w", "render (decomposed)"), ("v", "forward")]  # first-seen order
+    assert list(wide.columns) == [f"{b} {s}" for b in ("eager", "compile", "onnxruntime")
+                                  for s in ("median ms", "iqr ms", "prepare s")]
+    assert wide.loc[("w", "render (decomposed)"), "onnxruntime prepare s"] == 4.0
+    assert wide.loc[("w", "render (decomposed)"), "eager median ms"] == 3.0
+    assert math.isnan(wide.loc[("w", "render"), "onnxruntime median ms"])  # not timed there
+    assert wide.loc[("v", "forward"), "compile median ms"] == 5.0

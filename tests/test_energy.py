@@ -1,16 +1,22 @@
 """The energy data (published figures, exact), the energy model (hand-computed joules for a
-traced Linear + ReLU), its what-ifs and roofline tie, and the structural claims of Chapter 4.4."""
+traced Linear + ReLU), its what-ifs and roofline tie, and the structural claims of Chapter 4.4
+(the view :mod:`cohw_utils.views.energy_model` and the study :mod:`cohw_utils.studies.energy`)."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
 from matplotlib.figure import Figure
 
+from cohw_utils.studies.energy import estimates, figures
+from cohw_utils.studies.proxies import proxy_set as proxies
 from cohw_utils.views import energy_model as energy
+from cohw_utils.views import memory_budget
 from cohw_utils.views import roofline
 from cohw_utils.spine.analyze import analyze
 from cohw_utils.core.errors import CohwError
@@ -85,6 +91,12 @@ def test_malformed_data_is_named(tmp_path):
     bad.write_text("\n".join([good[0], good[1].replace("int8", "int7", 1)]) + "\n")
     with pytest.raises(energy.EnergyDataError, match="dtype"):
         energy.load_energy_data(bad)
+    csv = ROOT / "cohw_utils" / "data" / "energy_per_op.csv"
+    pd.read_csv(csv, dtype=str, keep_default_na=False).drop(columns="citation").head(2).to_csv(bad, index=False)
+    with pytest.raises(energy.EnergyDataError, match="bad.csv: missing column.*citation"):
+        energy.load_energy_data(bad)
+    with pytest.raises(energy.EnergyDataError, match="does not exist"):
+        energy.load_energy_data(tmp_path / "absent.csv")
 
 
 # ----------------------------------------------------------------------------- the table
@@ -187,19 +199,19 @@ def test_roofline_tie():
     base = roofline.roofline_summary(ET, chip)
     m0 = energy.ReuseModel(onchip_bytes=0)
     # with nothing on chip, the off-chip table is the op table: same roofline time
-    assert energy.evaluate(T45, ET, m0, chip)["time_s"] == pytest.approx(base["time_s"])
+    assert energy.evaluate_energy(T45, ET, m0, chip)["time_s"] == pytest.approx(base["time_s"])
     t = energy.offchip_table(ET, energy.ReuseModel(), chip)  # 1 MB from the chip's LLC: weights resident
     assert (t["bytes_read"] + t["bytes_written"]).sum() == ALL_BYTES - W
     pim = energy.offchip_table(ET, energy.ReuseModel(onchip_bytes=0, pim=True, pim_bw_x=4), chip)
     assert pim["bytes_read"].sum() == ET["bytes_read"].sum() - W + W / 4
     q = energy.offchip_table(energy.op_roles(ET).quantized("int8", activations="int8"), m0, chip)
     assert q.loc[q.op == "aten.mm.default", "dtype"].item() == "int8"
-    r = energy.evaluate(T45, ET, m0, chip)
+    r = energy.evaluate_energy(T45, ET, m0, chip)
     assert r["power_W"] == pytest.approx(r["total_J"] / r["time_s"])
     with pytest.raises(CohwError, match="onchip_bytes"):
         energy.workload_energy(T45, ET, energy.ReuseModel())
     with pytest.raises(CohwError, match="hw="):
-        energy.evaluate(T45, ET, m0)
+        energy.evaluate_energy(T45, ET, m0)
     with pytest.raises(CohwError, match="pim_read_fraction"):
         energy.workload_energy(T45, ET, energy.ReuseModel(onchip_bytes=0, pim_read_fraction=2))
     with pytest.raises(CohwError, match="op table"):
@@ -209,7 +221,7 @@ def test_roofline_tie():
 def test_whatif_table_on_a_toy():
     chip = Hardware(name="toy", vendor="-", year=None, mem_bw=1e9, mem_bytes=None, llc_bytes=0,
                     tdp_w=None, source="test", peak_flops={"fp32": 1e10, "int8": 4e10})
-    w = energy.whatifs(energy.op_roles(ET), T45, chip)
+    w = estimates.whatifs(energy.op_roles(ET), T45, chip)
     assert list(w.index) == ["baseline", "int8 weights (W8A16)", "int4 weights (W4A16, g128)",
                              "int8 weights and activations (W8A8)", "fusion (intermediates on chip)",
                              "processing in memory (weights)"]
@@ -227,11 +239,11 @@ def test_compare_measured_puts_model_beside_measurement():
                              "joules_per_unit": 3.0, "joules_per_unit_net_idle": 1.5,
                              "seconds_per_call": 0.02}]}
     t = energy.EnergyTable.load("7nm-hbm2e")
-    df = energy.compare_measured(rec, t, H100)
+    df = estimates.compare_measured(rec, t, H100)
     expect = energy.workload_energy(t, analyze("llama-2-7b", "decode", seq_len=64, batch=2), hw=H100)
     assert df.model_J_per_unit.item() == pytest.approx(expect["total_J_per_unit"])
     assert df.measured_over_model.item() == pytest.approx(1.5 / expect["total_J_per_unit"])
-    plan = energy.compare_measured(None, t, H100, plan=rec["measurements"][:1])
+    plan = estimates.compare_measured(None, t, H100, plan=rec["measurements"][:1])
     assert plan.measured_J_per_unit.isna().all() and plan.model_J_per_unit.item() == df.model_J_per_unit.item()
 
 
@@ -259,13 +271,31 @@ def test_batch_amortises_weights_and_kv_in_place():
     assert r1.kv_append.sum() == 2 * 32
     inplace = energy.workload_energy(table, r1, energy.ReuseModel(kv_in_place=True), hw=H100)
     assert inplace["offchip_bytes"] < e1["offchip_bytes"]
-    sweep = energy.decode_batch_sweep("llama-2-7b", [1, 4], table, hw=H100, seq_len=64)
+    sweep = estimates.decode_batch_sweep("llama-2-7b", [1, 4], table, hw=H100, seq_len=64)
     assert list(sweep.batch) == [1, 4] and sweep.J_per_token.is_monotonic_decreasing
     assert sweep.fits_memory.all()
-    assert isinstance(energy.energy_vs_batch({"7nm": sweep}), Figure)
+    # "fits" is the one rule of memory_budget: a chip 5% larger than the need fits raw, not after
+    # the 10% runtime reserve
+    need = float(sweep.memory_needed_bytes.iloc[0])
+    tight = dataclasses.replace(H100, mem_bytes=need * 1.05)
+    assert not memory_budget.fits(tight, need) and memory_budget.fits(tight, need, reserve_fraction=0)
+    assert not estimates.decode_batch_sweep("llama-2-7b", [1], table, hw=tight, seq_len=64).fits_memory.item()
+    assert isinstance(figures.fig_energy_vs_batch({"7nm": sweep}), Figure)
 
 
 def test_figures():
-    assert isinstance(energy.energy_chart(), Figure)
-    ov = energy.overview([energy.op_roles(ET, label="toy:fwd")], T45, energy.ReuseModel(onchip_bytes=0), H100)
-    assert list(ov.workload) == ["toy"] and isinstance(energy.stacked_energy(ov), Figure)
+    assert isinstance(figures.fig_energy(), Figure)
+    ov = estimates.energy_overview([energy.op_roles(ET, label="toy:fwd")], T45, energy.ReuseModel(onchip_bytes=0), H100)
+    assert list(ov.workload) == ["toy"] and isinstance(figures.fig_stacked_energy(ov), Figure)
+
+
+def test_phase_roles_trace_in_the_proxy_dtype_at_the_chapter_sizes():
+    r = estimates.phase_roles("llama-2-7b", "decode", seq_len=64, batch=2)
+    direct = energy.op_roles(analyze("llama-2-7b", "decode", seq_len=64, batch=2,
+                                     dtype=proxies.phase_dtype("llama-2-7b")))
+    assert r.label == "llama-2-7b:decode" and (r.units, r.unit_name) == (2, "token")
+    assert r.weight_bytes == direct.weight_bytes and len(r.table) == len(direct.table)
+    assert "fp16" in set(r.dtype)  # the proxy set serves Llama in fp16
+    # a context length means nothing to a ViT: ignored, not passed on
+    v = estimates.phase_roles("vit-b-16", "forward", seq_len=7)
+    assert v.label == "vit-b-16:forward" and v.unit_name == "image"

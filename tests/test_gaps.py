@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from cohw_utils.studies.enabling import enabling
+from cohw_utils.studies.enabling import export
 from cohw_utils.studies.enabling import gap_report as gaps
 from cohw_utils import workloads
 from cohw_utils.core.errors import CohwError
@@ -37,10 +37,10 @@ def test_runtime_formats_bad_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def formats():
-    return gaps.check_formats()
+    return gaps.validate_formats()
 
 
-def test_check_formats_on_the_pinned_onnxruntime(formats):
+def test_validate_formats_on_the_pinned_onnxruntime(formats):
     f = formats.set_index("format")
     assert f.loc["fp32", "runs_here"] == "yes" and f.loc["fp32", "rel_err"] < 1e-6
     assert f.loc["fp16", "runs_here"] == "yes" and f.loc["fp16", "rel_err"] < 2e-3   # fp16 unit roundoff 4.9e-4
@@ -75,7 +75,7 @@ def test_node_support_flags_a_bf16_matmul():
 # ------------------------------------------------------------------------------ the report, all proxies
 @pytest.fixture(scope="module")
 def everything(formats):
-    convs = enabling.convert_all(enabling.plan(), dynamic=False)
+    convs = export.convert_all(export.plan(), dynamic=False)
     tables: dict = {}
     report = gaps.gap_report(convs, target="onnx-opset18", formats=formats, tables=tables)
     return convs, tables, report
@@ -94,9 +94,9 @@ def _share(table: pd.DataFrame, packet: str) -> float:
 
 def test_report_covers_every_proxy(everything):
     convs, _, report = everything
-    summary = gaps.gap_summary(report, convs)
+    summary = gaps.gap_report_summary(report, convs)
     assert set(summary.workload) == set(workloads.WORKLOADS)
-    assert len(summary) == len(enabling.plan())
+    assert len(summary) == len(export.plan())
     for col in ("flops_share", "bytes_share"):
         s = report[col].dropna()
         assert ((s >= 0) & (s <= 1)).all(), report[~report[col].between(0, 1) & report[col].notna()]
@@ -148,8 +148,8 @@ def test_training_phases_need_autograd_and_backward_kernels(everything, workload
 def test_report_works_from_the_exported_graph_alone():
     """No target description: the conversion and the ONNX graph on onnxruntime still give the
     gaps, here a bf16 ViT whose matmuls the CPU provider cannot run."""
-    c = enabling.convert("vit-b-16", "forward", "bf16", dynamic=False)
-    table = gaps.trace_phase("vit-b-16", "forward", "bf16")
+    c = export.convert("vit-b-16", "forward", "bf16", dynamic=False)
+    table = gaps.trace_tiny_phase("vit-b-16", "forward", "bf16")
     rg = gaps.runtime_gaps(c, table)
     shares = rg.set_index("op")["flops_share"]
     assert shares["aten.addmm"] > 0.5 and "aten.convolution" in shares.index
@@ -172,7 +172,7 @@ def test_write_report_csv_and_markdown(everything, tmp_path):
 
 
 def test_quantized_variants_of_the_tiny_llm():
-    c = enabling.convert("llama-2-7b", "prefill", dynamic=False)
+    c = export.convert("llama-2-7b", "prefill", dynamic=False)
     q = gaps.quantized_variants(c, repeats=2, warmup=1).set_index("format")
     assert (q.error == "").all(), q.error
     assert q.loc["fp32", "rel_err_out0"] < 1e-5
@@ -180,4 +180,4 @@ def test_quantized_variants_of_the_tiny_llm():
     assert q.loc["matmulnbits_int4", "model_bytes"] < 0.5 * q.loc["fp32", "model_bytes"]
     assert 0 < q.loc["int8_dynamic", "rel_err_out0"] < q.loc["matmulnbits_int4", "rel_err_out0"] < 1
     with pytest.raises(CohwError, match="no ONNX model"):
-        gaps.quantized_variants(enabling.Conversion("x", "y", "fp32", False))
+        gaps.quantized_variants(export.Conversion("x", "y", "fp32", False))

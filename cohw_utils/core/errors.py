@@ -3,6 +3,8 @@
 Every error names the problem and the fix in one line, so the command line can print
 ``str(err)`` and exit non-zero, and a notebook shows one readable sentence rather than a
 traceback from deep inside torch or transformers.
+
+Used by every chapter: a bad notebook parameter raises one of these.
 """
 from __future__ import annotations
 

@@ -66,12 +66,16 @@ by ``pim_bw_x``, the internal bandwidth of the memory relative to its interface)
 is taken as unlimited.
 
 What-ifs on the workload itself are transformations of its :class:`OpRoles`:
-:meth:`OpRoles.quantized` (int8/int4 weights, W8A8), a batch is a trace at that batch
-(:func:`decode_batch_sweep`); :func:`whatifs` tabulates them with fusion and PIM.
+:meth:`OpRoles.quantized` (int8/int4 weights, W8A8); a batch is a trace at that batch.
+Tracing registry workloads, the what-if table, the batch sweep and the figures are Chapter 4.4's
+study, :mod:`cohw_utils.studies.energy`: a view takes op tables and never traces.
 
 For design-space sweeps, compute :func:`op_roles` once per traced phase and call
 :func:`workload_energy` per design point (vectorised numpy over the op rows, ~0.3 ms for a
 2,500-row decode step); :meth:`EnergyTable.replace` makes a design point's table.
+
+Used by Chapter 4.4 (power and energy, through :mod:`cohw_utils.studies.energy`) and Chapter 5
+(the co-design sweeps of :mod:`cohw_utils.studies.codesign`).
 """
 from __future__ import annotations
 
@@ -83,28 +87,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from cohw_utils.spine.costs import CONTRACTION, ELEMENTWISE, NORMALIZATION
+from cohw_utils.core.data import DATA_DIR, read_table
 from cohw_utils.core.dtypes import BYTES, bytes_per_element, dtype_name
-from cohw_utils.core.errors import CohwError
+from cohw_utils.core.errors import CohwError, DataFileError
 from cohw_utils.hardware import Hardware
+from cohw_utils.spine.costs import CONTRACTION, ELEMENTWISE, NORMALIZATION
 from cohw_utils.views.roofline import roofline_summary
-from cohw_utils.core.data import DATA_DIR
 
 __all__ = [
     "EnergyDataError", "load_energy_data", "EnergyTable", "PRESETS", "ReuseModel", "OpRoles",
-    "op_roles", "workload_energy", "offchip_table", "evaluate", "phase_energy", "overview",
-    "decode_batch_sweep", "whatifs", "compare_measured", "energy_chart", "stacked_energy", "energy_vs_batch",
-    "LEVELS",
+    "op_roles", "workload_energy", "offchip_table", "evaluate_energy", "LEVELS", "LEVEL_LABELS",
+    "MEMORY_LEVELS", "OFFCHIP_LEVELS",
 ]
 
 
-class EnergyDataError(CohwError):
+class EnergyDataError(DataFileError):
     """A malformed row in the energy data file, or a quantity the file does not have."""
 
 
@@ -128,12 +128,9 @@ def _bad(path: Path, line: int, column: str, value: object, why: str) -> EnergyD
 @functools.lru_cache(maxsize=4)
 def _load(path: Path) -> pd.DataFrame:
     try:
-        text = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (OSError, pd.errors.ParserError) as err:
-        raise EnergyDataError(f"cannot read energy data {path}: {err}") from None
-    missing = [c for c in _COLUMNS if c not in text.columns]
-    if missing:
-        raise EnergyDataError(f"{path}: missing column(s) {', '.join(missing)}")
+        text = read_table(path, required=_COLUMNS, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except DataFileError as err:  # a missing file or column: the same error class as a bad row
+        raise EnergyDataError(f"energy data: {err}") from None
     rows = []
     for i, r in text.iterrows():
         line = int(i) + 2
@@ -626,13 +623,13 @@ def _short_or(d: str) -> str:
         return "fp32"
 
 
-def evaluate(table: EnergyTable, et: Any, model: ReuseModel | None = None, hw: Hardware | None = None,
-             efficiency: float = 1.0) -> dict[str, Any]:
+def evaluate_energy(table: EnergyTable, et: Any, model: ReuseModel | None = None, hw: Hardware | None = None,
+                    efficiency: float = 1.0) -> dict[str, Any]:
     """:func:`workload_energy` plus the roofline time of the same what-if on ``hw``
     (``time_s``, ``memory_bound_share``, per unit when known) and the implied average dynamic
     power ``power_W`` = joules / roofline seconds."""
     if hw is None:
-        raise CohwError("evaluate needs hw= (a Hardware from cohw_utils.hardware.get_hardware)")
+        raise CohwError("evaluate_energy needs hw= (a Hardware from cohw_utils.hardware.get_hardware)")
     out = workload_energy(table, et, model, hw)
     roof = roofline_summary(offchip_table(et, model, hw), hw, efficiency)
     out.update(time_s=roof["time_s"], memory_bound_share=roof["memory_bound_share"],
@@ -640,276 +637,3 @@ def evaluate(table: EnergyTable, et: Any, model: ReuseModel | None = None, hw: H
     if out.get("units"):
         out["time_s_per_unit"] = roof["time_s"] / out["units"]
     return out
-
-
-# ------------------------------------------------------------------------------ conveniences
-def phase_energy(workload: str, phase: str, table: EnergyTable, model: ReuseModel | None = None,
-                 hw: Hardware | None = None, **analyze_kw: Any) -> dict[str, Any]:
-    """Trace ``workload:phase`` at full scale on meta (:func:`cohw_utils.spine.analyze.analyze`) and
-    :func:`evaluate` it; ``analyze_kw`` go to ``analyze`` (batch, seq_len, dtype, rays...)."""
-    from cohw_utils.spine.analyze import analyze
-
-    a = analyze(workload, phase, **analyze_kw)
-    out = evaluate(table, op_roles(a), model, hw)
-    return {"workload": a.workload, "phase": a.phase, "dtype": a.dtype, "batch": a.batch, **out}
-
-
-def overview(phases: Sequence[tuple[str, str]] | Sequence[OpRoles], table: EnergyTable,
-             model: ReuseModel | None = None, hw: Hardware | None = None,
-             **analyze_kw: Any) -> pd.DataFrame:
-    """One row per phase: :func:`evaluate` of each ``(workload, phase)`` (traced with
-    ``analyze_kw``; LLMs get ``seq_len``, NeRFs ``rays`` when given) or of each :class:`OpRoles`."""
-    from cohw_utils.studies.proxies import proxy_set as proxies
-    from cohw_utils import workloads
-
-    rows = []
-    for item in phases:
-        if isinstance(item, OpRoles):
-            r = evaluate(table, item, model, hw)
-            wl, ph = (item.label.split(":", 1) + [""])[:2]
-            rows.append({"workload": wl, "phase": ph, **r})
-            continue
-        wl_name, ph = item
-        wl = workloads.get_workload(wl_name)
-        kw = {"dtype": proxies.phase_dtype(wl_name)}
-        if wl.domain == "llm" and "seq_len" in analyze_kw:
-            kw["seq_len"] = analyze_kw["seq_len"]
-        if wl.library == "nerfstudio" and "rays" in analyze_kw:
-            kw["rays"] = analyze_kw["rays"]
-        if "batch" in analyze_kw:
-            kw["batch"] = analyze_kw["batch"]
-        rows.append(phase_energy(wl_name, ph, table, model, hw, **kw))
-    return pd.DataFrame(rows)
-
-
-def decode_batch_sweep(workload: str, batches: Sequence[int], table: EnergyTable,
-                       model: ReuseModel | None = None, hw: Hardware | None = None,
-                       seq_len: int = 2048, dtype: str = "fp16") -> pd.DataFrame:
-    """Energy and roofline time per generated token of one decode step at each batch size
-    (weights are read once per batch, KV cache and activations once per sequence), with
-    whether weights + KV cache fit ``hw``'s memory."""
-    from cohw_utils.spine.analyze import analyze
-
-    rows = []
-    for b in batches:
-        a = analyze(workload, "decode", batch=int(b), seq_len=seq_len, dtype=dtype)
-        r = evaluate(table, op_roles(a), model, hw)
-        need = a.weight_bytes + (a.kv_bytes_per_token or 0) * (seq_len + 1) * b
-        rows.append({"batch": int(b), "J_per_token": r["total_J_per_unit"],
-                     "compute_J_per_token": r["compute_J_per_unit"],
-                     "offchip_J_per_token": r["offchip_J"] / b,
-                     "other_memory_J_per_token": (r["memory_J"] - r["offchip_J"]) / b,
-                     "time_per_token_s": r["time_s_per_unit"], "step_time_s": r["time_s"],
-                     "memory_share": r["memory_share"], "memory_needed_bytes": need,
-                     "fits_memory": bool(hw is None or hw.mem_bytes is None or need <= hw.mem_bytes)})
-    return pd.DataFrame(rows)
-
-
-def whatifs(base: OpRoles, table: EnergyTable, hw: Hardware, model: ReuseModel | None = None,
-            batch_roles: OpRoles | None = None, batch: int | None = None) -> pd.DataFrame:
-    """The what-if table for one phase: energy and roofline time per unit against the baseline
-    for int8 / int4 weight-only quantization, W8A8, a larger batch (``batch_roles`` traced at
-    ``batch``), fusion, and processing in memory (at the model's ``pim_bw_x``)."""
-    m = model or ReuseModel()
-    cases: list[tuple[str, OpRoles, ReuseModel]] = [
-        ("baseline", base, m),
-        ("int8 weights (W8A16)", base.quantized("int8"), m),
-        ("int4 weights (W4A16, g128)", base.quantized("int4"), m),
-        ("int8 weights and activations (W8A8)", base.quantized("int8", activations="int8"), m),
-    ]
-    if batch_roles is not None:
-        cases.append((f"batch {batch}", batch_roles, m))
-    cases += [("fusion (intermediates on chip)", base, dataclasses.replace(m, fusion=True)),
-              ("processing in memory (weights)", base, dataclasses.replace(m, pim=True))]
-    rows = []
-    for name, roles, mm in cases:
-        r = evaluate(table, roles, mm, hw)
-        n = r.get("units") or 1  # an op table without phase units: per run
-        rows.append({"what-if": name, "J_per_unit": r["total_J"] / n,
-                     "compute_J_per_unit": r["compute_J"] / n, "memory_J_per_unit": r["memory_J"] / n,
-                     "offchip_MB_per_unit": r["offchip_bytes"] / n / 1e6,
-                     "time_per_unit_s": r["time_s"] / n, "unit": r.get("unit") or "run"})
-    df = pd.DataFrame(rows).set_index("what-if")
-    df["energy_vs_baseline"] = df["J_per_unit"] / df.loc["baseline", "J_per_unit"]
-    df["time_vs_baseline"] = df["time_per_unit_s"] / df.loc["baseline", "time_per_unit_s"]
-    return df
-
-
-def compare_measured(measured: Mapping[str, Any] | None, table: EnergyTable, hw: Hardware,
-                     model: ReuseModel | None = None,
-                     plan: Sequence[Mapping[str, Any]] | None = None) -> pd.DataFrame:
-    """The model's joules per unit for each GPU measurement in ``measured`` (the record
-    :func:`cohw_utils.hardware.power_meters.load_gpu_energy` returns), beside the measured gross and
-    net-of-idle figures. With ``measured=None``, the model's estimate for each configuration in
-    ``plan`` (dicts with workload, phase, batch, seq_len) and empty measured columns."""
-    from cohw_utils.spine.analyze import analyze
-
-    items = list(measured["measurements"]) if measured else list(plan or [])
-    rows = []
-    for m in items:
-        dtype = m.get("dtype") or (measured or {}).get("dtype") or "fp16"
-        kw: dict[str, Any] = {"batch": int(m.get("batch", 1)), "dtype": dtype}
-        if m.get("seq_len"):
-            kw["seq_len"] = int(m["seq_len"])
-        if m.get("image_size"):
-            kw["image_size"] = int(m["image_size"])
-        a = analyze(m["workload"], m["phase"], **kw)
-        r = evaluate(table, op_roles(a), model, hw)
-        rows.append({"workload": m["workload"], "phase": m["phase"], "batch": kw["batch"],
-                     "seq_len": m.get("seq_len"), "unit": a.unit_name,
-                     "model_J_per_unit": r["total_J_per_unit"],
-                     "model_time_per_call_ms": r["time_s"] * 1e3,
-                     "measured_J_per_unit": m.get("joules_per_unit") if measured else None,
-                     "measured_net_idle_J_per_unit": m.get("joules_per_unit_net_idle") if measured else None,
-                     "measured_time_per_call_ms": m["seconds_per_call"] * 1e3
-                     if measured and "seconds_per_call" in m else None})
-    df = pd.DataFrame(rows)
-    if measured and len(df):
-        df["measured_over_model"] = df["measured_net_idle_J_per_unit"] / df["model_J_per_unit"]
-    return df
-
-
-# ------------------------------------------------------------------------------ figures
-def _word_pj(row: pd.Series) -> float:
-    """Energy of one 32-bit access for a memory row (pJ)."""
-    return float(row["pj_per_byte"]) * 4
-
-
-def energy_chart(data: pd.DataFrame | None = None) -> Figure:
-    """The seed's chart, from the data file: energy of arithmetic operations against 32-bit
-    memory accesses, log scale. Bars: 45 nm (Horowitz/Han); dots: 7 nm arithmetic (Jouppi et
-    al.) and newer DRAM; hatched bars are derived rows. Memory rows are per 32 bits (64-bit
-    figures halved, per-bit figures times 32)."""
-    d = load_energy_data() if data is None else data
-    pref = d[d["preferred"] == "yes"]
-    a45 = pref[(pref["kind"] == "arith") & (pref["node"] == "45 nm")]
-    a7 = pref[(pref["kind"] == "arith") & (pref["node"] == "7 nm")]
-    order = ["int8", "int32", "fp16", "bf16", "fp32"]
-    labels, vals, colors, hatches, dots = [], [], [], [], []
-    for op in ("add", "mult"):
-        for dt in order:
-            r = a45[(a45["op"] == op) & (a45["dtype"] == dt)]
-            if r.empty:
-                continue
-            labels.append(f"{dt} {op}")
-            vals.append(float(r["energy_pj"].iloc[0]))
-            colors.append("tab:blue")
-            hatches.append("//" if r["derived"].iloc[0] == "yes" else "")
-            r7 = a7[(a7["op"] == op) & (a7["dtype"] == dt)]
-            dots.append(float(r7["energy_pj"].iloc[0]) if len(r7) else np.nan)
-    mem = pref[pref["kind"] == "memory"]
-    names = {"register": "register file", "sram_8kb": "SRAM 8 KB", "sram_32kb": "SRAM 32 KB",
-             "sram_1mb": "SRAM 1 MB", "dram": "DRAM (45 nm)", "hbm2": "HBM2", "hbm2e": "HBM2E",
-             "gddr6": "GDDR6", "gddr6x": "GDDR6X"}
-    for level in MEMORY_LEVELS:
-        r = mem[mem["level"] == level]
-        if r.empty:
-            continue
-        is45 = r["node"].iloc[0] == "45 nm"
-        labels.append(f"{names[level]} 32-bit read")
-        vals.append(_word_pj(r.iloc[0]) if is45 else np.nan)
-        colors.append("tab:red")
-        hatches.append("")
-        dots.append(np.nan if is45 else _word_pj(r.iloc[0]))
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(labels) + 1.6))
-    y = np.arange(len(labels))[::-1]
-    bars = ax.barh(y, np.nan_to_num(vals, nan=0.0), color=colors, alpha=0.8)
-    for bar, h in zip(bars, hatches):
-        bar.set_hatch(h)
-    is_mem = np.array([c == "tab:red" for c in colors])
-    dots = np.array(dots, dtype=float)
-    ax.scatter(dots[~is_mem], y[~is_mem], color="black", marker="o", zorder=3, s=22)
-    ax.scatter(dots[is_mem], y[is_mem], color="tab:red", edgecolors="black", marker="D", zorder=3, s=30)
-    base = float(a45[(a45["op"] == "add") & (a45["dtype"] == "int32")]["energy_pj"].iloc[0])
-    for yi, v, dv in zip(y, vals, dots):
-        v_show = v if np.isfinite(v) else dv
-        if np.isfinite(v_show):
-            rel = v_show / base
-            ax.annotate(f"{v_show:.3g} pJ ({rel:,.0f}x)" if rel >= 10 else f"{v_show:.3g} pJ ({rel:.2g}x)",
-                        (v_show, yi), xytext=(5, -3), textcoords="offset points", fontsize=7)
-    ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlim(3e-3, 2e4)
-    ax.set(xlabel="energy per operation or per 32-bit access (pJ, log scale)",
-           title="What an operation costs vs what moving its operand costs")
-    box = functools.partial(plt.Rectangle, (0, 0), 1, 1)
-    handles = [box(color="tab:blue", alpha=0.8, label="arithmetic, 45 nm (Horowitz 2014)"),
-               box(color="tab:red", alpha=0.8, label="memory access, 45 nm (Han 2015 / Horowitz)"),
-               box(facecolor="white", edgecolor="tab:blue", hatch="//", label="derived (rule in data file)"),
-               plt.Line2D([], [], color="black", marker="o", ls="", label="7 nm arithmetic (Jouppi 2021)"),
-               plt.Line2D([], [], color="tab:red", markeredgecolor="black", marker="D", ls="",
-                          label="HBM2 (O'Connor 2017), HBM2E/GDDR6(X) (Micron)")]
-    ax.legend(handles=handles, fontsize=7, loc="upper right", title="relative to a 32-bit int add",
-              title_fontsize=7)
-    ax.grid(True, axis="x", which="major", alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-_LEVEL_COLORS = {"compute": "tab:blue", "register": "tab:cyan", "local": "tab:olive",
-                 "buffer": "tab:orange", "offchip": "tab:red", "pim": "tab:purple"}
-
-
-def stacked_energy(frame: pd.DataFrame, per: str = "run") -> Figure:
-    """Stacked horizontal bars, one per row of an :func:`overview` frame: the share of each
-    phase's energy in arithmetic and in each memory level, with joules per run and per unit
-    written at the end of each bar."""
-    parts = ["compute"] + [lv for lv in LEVELS if frame.get(f"{lv}_J", pd.Series([0])).sum() > 0]
-    cols = {p: (frame["compute_J"] if p == "compute" else frame[f"{p}_J"]) for p in parts}
-    total = frame["total_J"].replace(0, np.nan)
-    labels = [f"{w}:{p}" for w, p in zip(frame["workload"], frame["phase"])]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(frame) + 2.2))
-    y = np.arange(len(frame))[::-1]
-    left = np.zeros(len(frame))
-    for p in parts:
-        share = (cols[p] / total).fillna(0).to_numpy()
-        ax.barh(y, share, left=left, color=_LEVEL_COLORS[p],
-                label="arithmetic" if p == "compute" else LEVEL_LABELS[p])
-        left += share
-    for yi, (_, r) in zip(y, frame.iterrows()):
-        txt = f"{r['total_J']:.3g} J/run"
-        if r.get("units"):
-            txt += f", {r['total_J_per_unit']:.3g} J/{r['unit']}"
-        ax.annotate(txt, (1.01, yi), va="center", fontsize=7, annotation_clip=False)
-    ax.set_yticks(y, labels, fontsize=8)
-    ax.set(xlim=(0, 1), xlabel="share of the phase's modelled energy",
-           title="Where the joules go, per workload phase")
-    handles, names = ax.get_legend_handles_labels()
-    fig.legend(handles, names, fontsize=7, loc="lower center", ncol=3, frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    return fig
-
-
-def energy_vs_batch(sweeps: Mapping[str, pd.DataFrame]) -> Figure:
-    """Energy per token (left) and roofline time per token (right) against decode batch size,
-    one line per labelled :func:`decode_batch_sweep` frame; hollow markers where weights + KV
-    cache exceed the chip's memory."""
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for i, (label, df) in enumerate(sweeps.items()):
-        c = f"C{i}"
-        ax.plot(df["batch"], df["J_per_token"], "-o", color=c, label=f"{label}: total")
-        ax.plot(df["batch"], df["offchip_J_per_token"], "--", color=c, alpha=0.7, label=f"{label}: off-chip part")
-        ax.plot(df["batch"], df["compute_J_per_token"], ":", color=c, alpha=0.7, label=f"{label}: arithmetic part")
-        ax2.plot(df["batch"], df["time_per_token_s"] * 1e3, "-o", color=c, label=label)
-        over = df[~df["fits_memory"]]
-        for a, col in ((ax, "J_per_token"), (ax2, "time_per_token_s")):
-            yv = over[col] * (1e3 if col == "time_per_token_s" else 1)
-            a.scatter(over["batch"], yv, s=70, facecolors="white", edgecolors=c, zorder=3)
-    ax.set(xscale="log", yscale="log", xlabel="decode batch (sequences)", ylabel="J per generated token",
-           title="Energy per token vs batch")
-    ax2.set(xscale="log", yscale="log", xlabel="decode batch (sequences)", ylabel="roofline ms per token",
-            title="Time per token vs batch")
-    ax.legend(fontsize=6)
-    ax2.legend(fontsize=7)
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    batches = sorted({int(b) for df in sweeps.values() for b in df["batch"]})
-    for a in (ax, ax2):
-        a.grid(True, which="major", alpha=0.3)
-        a.set_xticks(batches)
-        a.xaxis.set_major_formatter(plain)
-        a.xaxis.set_minor_formatter(NullFormatter())
-        a.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        a.yaxis.set_major_formatter(plain)
-        a.yaxis.set_minor_formatter(NullFormatter())
-    fig.tight_layout()
-    return fig

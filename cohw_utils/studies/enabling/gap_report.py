@@ -3,7 +3,7 @@ work each gap blocks, as a table an engineering team can take.
 
 Three sources of evidence, combined per (workload, phase, dtype):
 
-1. **The conversion itself** (:mod:`cohw_utils.studies.enabling.enabling`): the stage that stopped it and its
+1. **The conversion itself** (:mod:`cohw_utils.studies.enabling.export`): the stage that stopped it and its
    classified failure (an aten op with no ONNX lowering, a training step, a dynamic axis that
    export specialised, an exporter crash).
 2. **The exported ONNX graph, on the runtime**: :func:`node_support` builds a one-node model
@@ -24,11 +24,14 @@ aten ops that dispatch to other ops in eager execution (``linear`` -> ``addmm``/
 ``layer_norm`` -> ``native_layer_norm``...) are mapped through :data:`DISPATCH_ALIASES`.
 
 Quantization: ``data/runtime_formats.csv`` lists the weight/activation formats with the
-operators onnxruntime uses for them and sources; :func:`check_formats` verifies each row on
+operators onnxruntime uses for them and sources; :func:`validate_formats` verifies each row on
 the installed onnxruntime CPU provider with a small MatMul model (64x32 weights) quantized
 by onnxruntime's own tools, and reports whether it runs and its max-norm relative error
 against fp32. Formats relevant to a workload's domain that do not run (or have no loader)
 become requirement rows.
+
+Used by Chapter 3 (SW enabling), section "the SW gap list", and Chapter 5's requirements roll-up
+(:mod:`cohw_utils.studies.codesign.requirements` reads :func:`runtime_formats`).
 """
 from __future__ import annotations
 
@@ -45,11 +48,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cohw_utils.studies.enabling import enabling
 from cohw_utils import workloads
+from cohw_utils.core.data import DATA_DIR
 from cohw_utils.core.errors import CohwError
 from cohw_utils.spine.trace import trace
-from cohw_utils.core.data import DATA_DIR
+from cohw_utils.studies.enabling.decompose import DECOMPOSITIONS
+from cohw_utils.studies.enabling.export import Conversion, _feeds, build_phase, ort_session
+from cohw_utils.studies.enabling.failures import (AUTOGRAD, CUSTOM_KERNEL, DATA_DEPENDENT, DYNAMIC_SHAPES, OTHER,
+                                                  UNSUPPORTED_OP, classify_failure)
+from cohw_utils.studies.enabling.flatten import _interface, flatten
+from cohw_utils.studies.enabling.parity import _run_reference
+from cohw_utils.views.target_coverage import Target, load_target, missing_ops, op_packet
 
 DATA = DATA_DIR
 FORMATS_CSV = DATA / "runtime_formats.csv"
@@ -76,19 +85,8 @@ DISPATCH_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
-def op_packet(op: str) -> str:
-    """``aten.add.Tensor`` -> ``aten.add`` (Chapter 2's convention)."""
-    try:
-        from cohw_utils.views.target_coverage import op_packet as _packet
-    except ImportError:  # pragma: no cover - Chapter 2's module absent
-        return op.rsplit(".", 1)[0] if op.count(".") >= 2 else op
-    return _packet(op)
-
-
 def _missing(table: pd.DataFrame, packets: set[str]) -> pd.DataFrame:
     """:func:`cohw_utils.views.target_coverage.missing_ops` for a target that lacks exactly ``packets``."""
-    from cohw_utils.views.target_coverage import Target, missing_ops
-
     present = {op_packet(o) for o in table["op"]}
     tgt = Target("gaps", "every op of the table but the gaps", "cohw_utils.studies.enabling.gap_report", frozenset(present - packets))
     return missing_ops(table, tgt)
@@ -97,10 +95,10 @@ def _missing(table: pd.DataFrame, packets: set[str]) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 # Tracing a phase (the op table every share is a fraction of)
 # --------------------------------------------------------------------------------------------
-def trace_phase(workload: str, phase: str, dtype: str = "fp32", **options: Any) -> pd.DataFrame:
-    """Op table of one tiny phase, built as :func:`cohw_utils.studies.enabling.enabling.build_phase` builds it
-    (so shapes match the conversion); training phases are traced with their backward."""
-    built, ph = enabling.build_phase(workload, phase, dtype, **options)
+def trace_tiny_phase(workload: str, phase: str, dtype: str = "fp32", **options: Any) -> pd.DataFrame:
+    """Op table of one tiny phase on CPU, built as :func:`cohw_utils.studies.enabling.export.build_phase`
+    builds it (so shapes match the conversion); training phases are traced with their backward."""
+    built, ph = build_phase(workload, phase, dtype, **options)
     args, kwargs = ph.make_inputs()
     torch.manual_seed(0)
     if ph.backward:
@@ -160,9 +158,9 @@ def _probe_node(domain: str, op_type: str, in_types: tuple[int, ...], out_types:
         [helper.make_tensor_value_info(n, t or onnx.TensorProto.FLOAT, None) for n, t in zip(outs, out_types)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
     try:
-        enabling.ort_session(model, (provider,))
+        ort_session(model, (provider,))
     except Exception as e:  # noqa: BLE001
-        return enabling.classify_failure(e, "onnxruntime session").key_line
+        return classify_failure(e, "onnxruntime session").key_line
     return ""
 
 
@@ -197,7 +195,7 @@ def node_support(model, provider: str = "CPUExecutionProvider") -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["domain", "op_type", "input_types", "nodes", "aten_ops", "supported", "error"])
 
 
-def runtime_gaps(conv: enabling.Conversion, table: pd.DataFrame,
+def runtime_gaps(conv: Conversion, table: pd.DataFrame,
                  provider: str = "CPUExecutionProvider") -> pd.DataFrame:
     """Ops of the exported graph that ``provider`` cannot run, as aten packets with their
     shares of ``table`` (columns of ``missing_ops`` plus ``onnx_ops`` and ``error``). Empty when
@@ -370,7 +368,7 @@ def _probes() -> dict[str, tuple[int, Callable]]:
 PROBES = tuple(_probes())
 
 
-def check_formats(formats: pd.DataFrame | None = None, provider: str = "CPUExecutionProvider") -> pd.DataFrame:
+def validate_formats(formats: pd.DataFrame | None = None, provider: str = "CPUExecutionProvider") -> pd.DataFrame:
     """Run each format's probe on ``provider``: a 4x64 @ 64x32 MatMul model put into that
     format (by onnxruntime's own quantizers where it has one), executed, and compared with the
     fp32 product. Adds ``runs_here`` ("yes"/"no"/"no probe"), ``rel_err`` (max|y - y_fp32| /
@@ -398,17 +396,17 @@ def _run_probes(names, probes, provider, ref, runs, errs, ops, msgs) -> None:
         try:
             model = make(_matmul_model(opset))
             ops.append(", ".join(sorted({(f"{n.domain}." if n.domain else "") + n.op_type for n in model.graph.node})))
-            sess = enabling.ort_session(model, (provider,))
+            sess = ort_session(model, (provider,))
             y = sess.run(None, {"X": _RNG_X})[0]
             runs.append("yes"), errs.append(float(np.abs(y - ref).max() / np.abs(ref).max())), msgs.append("")
         except Exception as e:  # noqa: BLE001 - a format that does not run is the finding
             if len(ops) < len(runs) + 1:
                 ops.append("")
             runs.append("no"), errs.append(math.nan)
-            msgs.append(enabling.classify_failure(e, "onnxruntime session").key_line)
+            msgs.append(classify_failure(e, "onnxruntime session").key_line)
 
 
-def quantized_variants(conv: enabling.Conversion, probes: Iterable[str] = ("int8_dynamic", "matmulnbits_int4"),
+def quantized_variants(conv: Conversion, probes: Iterable[str] = ("int8_dynamic", "matmulnbits_int4"),
                        repeats: int = 10, warmup: int = 2) -> pd.DataFrame:
     """Apply format probes' quantizers to a converted phase's ONNX model and run it: model
     bytes, the quantized operators, max-norm relative error of the first output vs eager fp32
@@ -423,9 +421,9 @@ def quantized_variants(conv: enabling.Conversion, probes: Iterable[str] = ("int8
         raise CohwError(f"{conv.workload}:{conv.phase} has no ONNX model ({conv.status}); quantize a converted phase")
     table = _probes()
     ph = conv.phase_obj
-    ref = enabling._run_reference(ph)
+    ref = _run_reference(ph)
     args, kwargs = ph.make_inputs()
-    feeds_ts = enabling._interface(enabling.flatten((args, kwargs))[0])
+    feeds_ts = _interface(flatten((args, kwargs))[0])
     rows = []
     for name in ("fp32", *probes):
         model = onnx.ModelProto()
@@ -440,15 +438,15 @@ def quantized_variants(conv: enabling.Conversion, probes: Iterable[str] = ("int8
             row["quantized_ops"] = ", ".join(sorted({n.op_type for n in model.graph.node}
                                                     & {"MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear",
                                                        "QLinearMatMul", "QLinearConv", "DequantizeLinear"}))
-            sess = enabling.ort_session(model)
-            feeds = enabling._feeds(sess, feeds_ts)
+            sess = ort_session(model)
+            feeds = _feeds(sess, feeds_ts)
             out = sess.run(None, feeds)[0]
             r = ref[0].numpy()
             row["rel_err_out0"] = float(np.abs(out - r).max() / np.abs(r).max())
             t = time_callable(lambda: sess.run(None, feeds), repeats, warmup)
             row["median_ms"], row["iqr_ms"] = t.median * 1e3, t.iqr * 1e3
         except Exception as e:  # noqa: BLE001
-            row["error"] = enabling.classify_failure(e, "quantize").key_line
+            row["error"] = classify_failure(e, "quantize").key_line
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -457,17 +455,17 @@ def quantized_variants(conv: enabling.Conversion, probes: Iterable[str] = ("int8
 # The report
 # --------------------------------------------------------------------------------------------
 _FIX = {
-    enabling.UNSUPPORTED_OP: "decompose the op into supported ones (enabling.DECOMPOSITIONS) or implement a kernel",
-    enabling.AUTOGRAD: "needs a training runtime (backward graph + optimizer); meanwhile keep the step in PyTorch "
-                       "and offload no-grad parts (enabling.offload)",
-    enabling.DYNAMIC_SHAPES: "export one graph per size bucket (pad to buckets) or rewrite the size-dependent code",
-    enabling.DATA_DEPENDENT: "rewrite the data-dependent branch with torch.cond / masking, or split the graph there",
-    enabling.CUSTOM_KERNEL: "register the op with a fake (meta) kernel and an ONNX lowering, or a custom runtime op",
-    enabling.OTHER: "work around the tool (e.g. optimize=False) and report upstream",
+    UNSUPPORTED_OP: "decompose the op into supported ones (decompose.DECOMPOSITIONS) or implement a kernel",
+    AUTOGRAD: "needs a training runtime (backward graph + optimizer); meanwhile keep the step in PyTorch "
+              "and offload no-grad parts (offload.offload)",
+    DYNAMIC_SHAPES: "export one graph per size bucket (pad to buckets) or rewrite the size-dependent code",
+    DATA_DEPENDENT: "rewrite the data-dependent branch with torch.cond / masking, or split the graph there",
+    CUSTOM_KERNEL: "register the op with a fake (meta) kernel and an ONNX lowering, or a custom runtime op",
+    OTHER: "work around the tool (e.g. optimize=False) and report upstream",
 }
 
 
-def requirements(conv: enabling.Conversion, table: pd.DataFrame | None, target: Any = None,
+def requirements(conv: Conversion, table: pd.DataFrame | None, target: Any = None,
                  provider: str = "CPUExecutionProvider") -> list[dict]:
     """The requirement rows of one conversion (see :func:`gap_report`)."""
     rows: list[dict] = []
@@ -491,15 +489,15 @@ def requirements(conv: enabling.Conversion, table: pd.DataFrame | None, target: 
     share = (lambda p: _missing(table, {p}).iloc[0] if table is not None and p in {op_packet(o) for o in table["op"]}
              else None)
     f = conv.failure if conv.status == "failed" else None
-    if f is not None and f.klass == enabling.UNSUPPORTED_OP and f.op.startswith("aten."):
+    if f is not None and f.klass == UNSUPPORTED_OP and f.op.startswith("aten."):
         s = share(op_packet(f.op))
         op_row(op_packet(f.op), "conversion", f"{f.stage}: {f.key_line}",
                s["flops_share"] if s is not None else math.nan, s["bytes_share"] if s is not None else math.nan,
                _FIX[f.klass])
     elif f is not None:
-        kind = "training" if f.klass == enabling.AUTOGRAD else "conversion"
+        kind = "training" if f.klass == AUTOGRAD else "conversion"
         what = ("autograd: the step runs loss.backward(); an inference graph capture cannot hold it"
-                if f.klass == enabling.AUTOGRAD else f"{f.klass} at {f.stage}" + (f" ({f.op})" if f.op else ""))
+                if f.klass == AUTOGRAD else f"{f.klass} at {f.stage}" + (f" ({f.op})" if f.op else ""))
         add(kind, what, f.op if f.op.startswith("aten.") else "", 1.0, 1.0, "conversion", f.key_line, _FIX[f.klass])
     if conv.backward and table is not None:
         bw = table[(table["pass"] == "backward") & table["costed"]]
@@ -508,13 +506,13 @@ def requirements(conv: enabling.Conversion, table: pd.DataFrame | None, target: 
         bb = float((bw["bytes_read"] + bw["bytes_written"]).sum()) / float((tot["bytes_read"] + tot["bytes_written"]).sum())
         if not any(r["kind"] == "training" for r in rows):
             add("training", "autograd: the step runs loss.backward()", "", 1.0, 1.0, "workload phase",
-                "Phase.backward=True", _FIX[enabling.AUTOGRAD])
+                "Phase.backward=True", _FIX[AUTOGRAD])
         add("training", "backward pass kernels (gradients of every op in the step)", "", fb, bb, "op table",
             f"{int(len(bw))} backward ops", "training runtime")
     for ff in conv.failures:
         if ff.stage == "torch.export (dynamic)":
             add("dynamic shapes", f"{conv.axis} axis: {ff.klass}", "", math.nan, math.nan, "conversion",
-                ff.key_line, _FIX[enabling.DYNAMIC_SHAPES])
+                ff.key_line, _FIX[DYNAMIC_SHAPES])
         elif ff.stage == "onnx optimizer":
             add("tooling", f"exporter's ONNX optimizer fails ({ff.klass})", "", 0.0, 0.0, "conversion",
                 ff.key_line, "optimize=False (applied)")
@@ -523,14 +521,12 @@ def requirements(conv: enabling.Conversion, table: pd.DataFrame | None, target: 
             op_row(r["op"], f"exported ONNX graph on onnxruntime {provider}", f"{r['onnx_ops']}: {r['error']}",
                    r["flops_share"], r["bytes_share"], "cast to a supported dtype around the op, or add the kernel")
         if target is not None:
-            from cohw_utils.views.target_coverage import missing_ops
-
-            decomposable = {op_packet(str(k)) for k in enabling.DECOMPOSITIONS}
+            decomposable = {op_packet(str(k)) for k in DECOMPOSITIONS}
             for _, r in missing_ops(table, target).iterrows():
                 if "backward" in r["op"] or r["passes"] == "backward":
-                    fix = _FIX[enabling.AUTOGRAD]
+                    fix = _FIX[AUTOGRAD]
                 elif r["op"] in decomposable:
-                    fix = "decompose (enabling.DECOMPOSITIONS)"
+                    fix = "decompose (decompose.DECOMPOSITIONS)"
                 else:
                     fix = "decompose or lower the op"
                 op_row(r["op"], f"target {target.name}", f"{r['calls']} calls ({r['passes']})",
@@ -557,7 +553,7 @@ def _format_rows(names: Iterable[str], formats: pd.DataFrame, provider: str) -> 
     return rows
 
 
-def gap_report(convs: Iterable[enabling.Conversion], target: Any = "onnx-opset18",
+def gap_report(convs: Iterable[Conversion], target: Any = "onnx-opset18",
                formats: pd.DataFrame | None = None, tables: dict | None = None,
                provider: str = "CPUExecutionProvider") -> pd.DataFrame:
     """The SW requirements list: one row per (workload, phase, dtype, requirement).
@@ -566,14 +562,12 @@ def gap_report(convs: Iterable[enabling.Conversion], target: Any = "onnx-opset18
     ``operator`` (an aten op with no path on the target: evidence merged from the conversion,
     the exported graph on the runtime and the ``target`` description), ``dynamic shapes``,
     ``tooling`` and ``quantization`` (a format the domain needs that the runtime does not run
-    or load; pass ``formats=check_formats()``). ``target``: a :class:`~cohw_utils.views.target_coverage.Target`,
+    or load; pass ``formats=validate_formats()``). ``target``: a :class:`~cohw_utils.views.target_coverage.Target`,
     its name, or None to work from the conversion and exported graph alone. ``tables``
     (``{(workload, phase, dtype): op table}``) saves re-tracing.
     """
     tgt = None
     if target is not None:
-        from cohw_utils.views.target_coverage import load_target
-
         tgt = load_target(target) if isinstance(target, str) else target
     rows: list[dict] = []
     tables = {} if tables is None else tables
@@ -583,7 +577,7 @@ def gap_report(convs: Iterable[enabling.Conversion], target: Any = "onnx-opset18
             continue
         key = (c.workload, c.phase, c.dtype)
         if key not in tables:
-            tables[key] = trace_phase(c.workload, c.phase, c.dtype)
+            tables[key] = trace_tiny_phase(c.workload, c.phase, c.dtype)
         rows += requirements(c, tables[key], tgt, provider)
     if formats is not None:
         rows += _format_rows(dict.fromkeys(c.workload for c in convs if c.status != "n/a"), formats, provider)
@@ -593,7 +587,7 @@ def gap_report(convs: Iterable[enabling.Conversion], target: Any = "onnx-opset18
     return df.sort_values(["workload", "phase", "dtype", "_k", "_f"]).drop(columns=["_k", "_f"]).reset_index(drop=True)
 
 
-def gap_summary(report: pd.DataFrame, convs: Iterable[enabling.Conversion]) -> pd.DataFrame:
+def gap_report_summary(report: pd.DataFrame, convs: Iterable[Conversion]) -> pd.DataFrame:
     """One row per converted (workload, phase, dtype): conversion status, whether a blocker
     stops the whole phase, whether training is needed, the missing aten ops and the FLOP and
     byte shares they carry (what a fallback would leave off the target), and the workload's
