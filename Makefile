@@ -38,7 +38,7 @@ browser-deps:
 # a check that the tree the tests leave behind still builds as the book (no stray pages).
 test: $(STAMP) browser-deps
 	$(PY) -m pytest tests -q --ignore=tests/browser
-	COHW_SMOKE=1 $(PY) -m pytest --nbval-lax chapters -q -p no:cacheprovider
+	COHW_SMOKE=1 $(PY) -m pytest --nbval-lax chapters -q
 	$(PY) tools/smoke_book.py
 	$(PY) -m pytest tests/browser -q
 	$(PY) tools/check_book_sources.py

@@ -3,6 +3,8 @@
 Prints the totals of one traced phase (parameters, weight bytes, FLOPs, MACs, bytes moved,
 KV-cache bytes per token, breakdown by operator class), as text or ``--json``. Bad input
 prints one line on stderr naming the problem and the fix, and exits with status 2.
+
+The command-line form of Chapters 1-2's summary view (README: `analyze`).
 """
 from __future__ import annotations
 

@@ -247,6 +247,9 @@ def test_quick_probe_measures_and_round_trips_through_cache(
 ) -> None:
     result = probe.probe_host(quick=True)
     assert result["peak_flops"]["fp32"] > 1e9  # any CPU does > 1 GFLOP/s
+    text = probe.describe_probe(result)
+    assert text.count("\npeak GEMM ") == len(result["gemm"]) and "=> roofline: fp32 ridge" in text
+    assert text.splitlines()[-1] == f"method: {result['method']}"
     assert result["mem_bw"] > 1e8
     assert result["machine"]["llc_bytes"] > 0
     assert result["machine"]["torch_num_threads"] == torch.get_num_threads()

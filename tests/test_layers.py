@@ -121,6 +121,7 @@ def test_modules_are_small_and_say_what_they_are(module):
     assert lines <= MAX_LINES, f"{module} has {lines} lines; split it along its sections (limit {MAX_LINES})"
     doc = ast.get_docstring(ast.parse(text))
     assert doc and len(doc) > 40, f"{module} has no docstring stating what it holds"
+    assert "hapter" in doc, f"{module}'s docstring does not name the chapter(s) that use it"
 
 
 def _public_defs():

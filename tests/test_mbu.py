@@ -131,3 +131,30 @@ def test_compiled_decode_matches_eager_tokens_and_counts_the_static_cache(tmp_pa
     assert again.extra["tokens"] == comp.extra["tokens"]
     with pytest.raises(CohwError, match="warmup"):
         mbu.measure_decode(model, prompt_len=6, new_tokens=3, warmup=0, compiled=True)
+
+
+def test_decode_roofline_points_sit_under_the_bandwidth_roof_at_batch_one():
+    h100 = get_hardware("H100-SXM")
+    pts = mbu.decode_roofline_points([h100], "llama-2-7b", batches=(1, 256), context=2048)["H100-SXM"]
+    assert list(pts["label"]) == ["b=1", "b=256"]
+    one, many = pts.iloc[0], pts.iloc[1]
+    assert 0.5 < one["intensity"] < 2.0                      # ~2 FLOPs per 2-byte weight read
+    assert one["attainable"] == pytest.approx(h100.mem_bw * one["intensity"])
+    assert many["intensity"] > 10 * one["intensity"]
+
+
+def test_mbu_bars_rows_and_kinds():
+    class Run:
+        model, dtype = "tiny", "bf16"
+
+        def mbu(self):
+            return 0.5
+
+    published = mbu.published_mbu()
+    pub = mbu.load_published()
+    reported = pub[pub["metric"] == "mbu"]
+    bars = mbu.mbu_bars({"eager": Run()}, None, published, reported)
+    assert list(bars.columns) == ["label", "mbu_pct", "kind"]
+    assert len(bars) == 1 + 2 * len(published) + len(reported)
+    assert bars.iloc[0]["mbu_pct"] == 50.0 and bars.iloc[0]["kind"] == "measured"
+    assert set(bars["kind"]) == {"measured", "ours on published", "published"}

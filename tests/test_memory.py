@@ -112,3 +112,12 @@ def test_footprint_of_a_small_proxy():
     assert row["train_state"] == 16 * 25_557_032
     assert 0 < row["infer_peak"] < row["train_peak"]
     assert row["kv_cache"] == 0
+
+
+def test_accelerate_comparison_agrees_on_fp16_weights():
+    t = memory.accelerate_comparison(("llama-2-7b",))
+    row = t.loc["llama-2-7b"]
+    assert row["parameters"] == 6_738_415_616
+    assert row["ours bf16 weights GB"] == pytest.approx(2 * 6_738_415_616 / 1e9)
+    # accelerate divides its fp32 size by 2 for fp16: the same bytes as our bf16 weights, within 1%
+    assert row["accelerate fp16 total GB"] == pytest.approx(row["ours bf16 weights GB"], rel=0.01)

@@ -8,6 +8,8 @@ executed notebooks store a plain figure rather than widget state that needs a ke
 A control is ``(min, max, step)`` or ``(min, max, step, default)`` for a number (an integer
 slider when all are ints, a float slider otherwise; ``log=True`` is not supported: pass powers
 of two as a list instead), or a list of choices (a dropdown; the first is the default).
+
+Used by Chapters 2, 3, 4.3 and 4.4 (live controls beside their figures).
 """
 from __future__ import annotations
 

@@ -7,4 +7,6 @@
 - :mod:`~cohw_utils.core.device`: ``resolve_device("auto")``, CUDA when present.
 - :mod:`~cohw_utils.core.data`: where the data files are, the one checked CSV reader, the one
   GPU-capture loader.
+
+Used by every chapter, through every other layer.
 """

@@ -7,6 +7,8 @@ NVML). Imports only ``core``.
 
 Public API: :class:`Hardware`, :func:`get_hardware` (``'host'`` = this machine),
 :func:`load_hardware`, :func:`hardware_table`, :func:`dtype_key`, :data:`DTYPES`.
+
+Used by Chapters 2, 4.1-4.4 and 5.
 """
 from cohw_utils.hardware.catalog import get_hardware, hardware_table
 from cohw_utils.hardware.specs import DTYPES, Hardware, dtype_key, load_hardware

@@ -20,6 +20,8 @@ What is measured (all rates per second, SI: 1 GFLOP/s = 1e9 FLOP/s, 1 GB/s = 1e9
 Results are cached as JSON in ``$COHW_CACHE_DIR`` (default ``~/.cache/cohw``), keyed by CPU
 model, logical CPU count, thread count, torch version and mode, so a different machine or
 torch re-measures. A cached full probe also satisfies a quick request.
+
+Used by Chapters 4.1-4.3 (this machine's roofline) and 4.4.
 """
 from __future__ import annotations
 
@@ -377,6 +379,34 @@ def host_hardware(quick: bool | None = None) -> Hardware:
     if quick is None:
         quick = os.environ.get("COHW_PROBE_QUICK", "").strip().lower() in {"1", "true", "yes"}
     return hardware_from_probe(probe_host(quick=quick))
+
+
+
+def describe_probe(probe_result: dict[str, Any]) -> str:
+    """The probe's result as the lines a chapter prints: the machine, every GEMM size and
+    bandwidth kernel with best/median/min (and max) over its timed calls, the ridge points, and
+    the method. Flags a probe taken while other processes shared the cores."""
+    host = hardware_from_probe(probe_result)
+    m = probe_result["machine"]
+    lines = [f"{m['cpu_model']}, {m['logical_cpus']} logical CPUs, {m['torch_num_threads']} torch threads, "
+             f"LLC {m['llc_bytes'] / 2**20:.0f} MiB; {'quick' if probe_result['quick'] else 'full'} probe of "
+             f"{probe_result['date']}"
+             + (f", load average {probe_result['load_average']}" if probe_result.get("load_average") is not None else "")
+             + (" (CONTENDED: other processes shared the cores; not cached)" if probe_result.get("contended") else "")]
+    for d, g in probe_result["gemm"].items():
+        sizes = "; ".join(f"n={n}: best {s['flops']['best'] / 1e9:.0f}, median {s['flops']['median'] / 1e9:.0f} "
+                          f"(min {s['flops']['min'] / 1e9:.0f}) over {len(s['seconds'])} calls"
+                          for n, s in g["sizes"].items() if "flops" in s)
+        lines.append(f"peak GEMM {d}: {(g['peak_flops'] or 0) / 1e9:.0f} GFLOP/s  [{sizes}]")
+    for k, v in probe_result["bandwidth"]["kernels"].items():
+        b = v["bytes_per_s"]
+        lines.append(f"bandwidth {k}: best {b['best'] / 1e9:.1f} GB/s, median {b['median'] / 1e9:.1f}, "
+                     f"min {b['min'] / 1e9:.1f}, max {b['max'] / 1e9:.1f} over {len(v['seconds'])} calls "
+                     f"on {probe_result['bandwidth']['array_bytes'] / 2**20:.0f} MiB arrays")
+    lines.append(f"=> roofline: fp32 ridge {host.ridge_point('fp32'):.1f} FLOP/B"
+                 + (f", bf16 ridge {host.ridge_point('bf16'):.1f} FLOP/B" if "bf16" in host.peak_flops else ""))
+    lines.append(f"method: {probe_result['method']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # python -m cohw_utils.hardware.probe [--quick] [--refresh]

@@ -17,6 +17,8 @@ Units and semantics (everything here is SI, per second, per chip):
 
 The table lives in ``cohw_utils/data/hardware.csv`` (see ``cohw_utils/data/README.md``); the
 special name ``'host'`` is this machine, measured by :mod:`cohw_utils.hardware.probe`.
+
+Used by Chapters 2, 4.1-4.4 and 5, through :func:`cohw_utils.hardware.get_hardware`.
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ Every function takes an op table from :func:`cohw_utils.spine.trace.trace` and r
 a small DataFrame; none traces again. ``view`` rows (metadata-only ops) cost nothing and are
 left out of op counts. "Bytes moved" = bytes read + bytes written under the unfused-eager
 semantics of :mod:`cohw_utils.spine.costs`.
+
+Used by every chapter that prints an op table's totals or breakdowns (1, 2, 4.3).
 """
 from __future__ import annotations
 

@@ -34,6 +34,8 @@ The counting semantics live in :mod:`cohw_utils.spine.costs`. Two tracer-level c
   mask) once and writing the output once, with torch's attention FLOP formula. Pass
   ``fused_attention=False`` to see the math path. When autograd needs the attention graph
   (inputs require grad), the math path always runs.
+
+Used by every chapter: the counting semantics it applies are stated in :mod:`cohw_utils.spine.costs`.
 """
 from __future__ import annotations
 

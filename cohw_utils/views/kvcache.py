@@ -16,6 +16,8 @@ Units: bytes (1 GB = 1e9 bytes, as ``data/hardware.csv``), tokens, sequences.
   formula is checked against what transformers actually allocates.
 * How much of a chip's memory the cache may use is :mod:`cohw_utils.views.memory_budget`'s one
   rule (:func:`~cohw_utils.views.memory_budget.memory_layout`, re-exported here).
+
+Used by Chapters 1, 2 and 4.1-4.2 (KV-cache growth and concurrency).
 """
 from __future__ import annotations
 

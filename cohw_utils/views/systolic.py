@@ -36,6 +36,8 @@ its cycle count equals :func:`cycles`, for shapes with partial tiles and several
 ``addmm``, ``bmm``/``baddbmm`` (one GEMM per batch entry), fused attention rows (QK^T and PV
 per batch x head), and convolutions as **im2col** GEMMs (M = batch x output pixels, K = input
 channels per group x kernel height x width, N = output channels per group, one GEMM per group).
+
+Used by Chapter 4.3 (systolic arrays) and Chapter 5.
 """
 from __future__ import annotations
 

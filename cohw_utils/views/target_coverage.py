@@ -18,6 +18,8 @@ Semantics of the comparison (:func:`missing_ops`, :func:`coverage`):
 * FLOPs and bytes are the op table's (see :mod:`cohw_utils.spine.costs`); uncosted rows count as
   calls with zero FLOPs and bytes. Shares are fractions (0..1) of the table's totals over the
   non-view rows.
+
+Used by Chapters 2 (new operators) and 3 (SW gaps).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import pandas as pd
 from cohw_utils.spine.costs import VIEW
 from cohw_utils.core.errors import CohwError
 from cohw_utils.core.data import DATA_DIR
+from cohw_utils.spine import optable
 
 TARGET_DIR = DATA_DIR / "targets"
 _INDEX = "targets.csv"
@@ -114,7 +117,7 @@ def op_packet(op: str) -> str:
 def _non_view(table: pd.DataFrame) -> pd.DataFrame:
     t = table[table["op_class"] != VIEW]
     return t.assign(packet=t["op"].map(op_packet),
-                    bytes_moved=(t["bytes_read"] + t["bytes_written"]).fillna(0),
+                    bytes_moved=optable.bytes_moved(t).fillna(0),
                     flops_=t["flops"].fillna(0))
 
 

@@ -47,6 +47,8 @@ The families live in :mod:`~cohw_utils.workloads.llm` (Llama-2, any HF decoder c
 (ViT-B/16, ResNet-50), :mod:`~cohw_utils.workloads.nerf` (Nerfacto, vanilla NeRF) and
 :mod:`~cohw_utils.workloads.dreamfusion` (SDS text-to-3D), on the shared
 :mod:`~cohw_utils.workloads.helpers`.
+
+Used by every chapter (Chapters 1-5 build their models here).
 """
 from __future__ import annotations
 

@@ -20,6 +20,8 @@ Definitions used below:
   (:func:`cohw_utils.views.roofline.op_times`), each op at ``max(FLOPs/peak, bytes/bandwidth)``.
 * **Peak activation** of a phase (:func:`component_scaling`): the largest single tensor any op
   writes; a lower bound on the activation memory the phase needs at once.
+
+Used by Chapter 2 (architecture analysis).
 """
 from __future__ import annotations
 

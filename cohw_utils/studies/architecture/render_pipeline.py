@@ -27,6 +27,8 @@ stage                         modules (paths relative to the renderer)
 Backward ops carry the stage of the module whose forward created them (pass ``backward``).
 Inside the text-to-3D step (``dreamfusion-sd``) the NeRF lives under ``nerf.`` and the
 diffusion guidance adds ``VAE encoder`` and ``UNet guidance`` stages.
+
+Used by Chapter 2 (render+compute pipelines).
 """
 from __future__ import annotations
 

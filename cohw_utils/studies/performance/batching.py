@@ -17,6 +17,8 @@ accelerator of ``hardware.csv``. With :meth:`cohw_utils.views.roofline.Efficienc
 is the roofline (every op at max(FLOPs / peak, bytes / bandwidth), ops one after another,
 unfused, no launch overhead): a lower bound on latency, which fused kernels (flash
 attention, fused norms) can beat only on their memory term.
+
+Used by Chapter 4.3 (latency and throughput).
 """
 from __future__ import annotations
 

@@ -30,6 +30,8 @@ first line), which is itself a finding. Some counters monkeypatch ``torch`` and
 ``StopIteration`` on a module without parameters leaves ``F.gelu`` etc. wrapped, which
 then breaks ptflops), so every counter runs inside :func:`_torch_namespace_guard`, which
 restores both namespaces and ``torch.Tensor``'s methods afterwards.
+
+Used by Chapter 4.1-4.2 (FLOPs/MACs counted).
 """
 from __future__ import annotations
 

@@ -21,6 +21,8 @@ Shapes (:func:`default_shapes`) are squares and the GEMMs of an LLM layer: M = 1
 batch 1: a matrix-vector product, bandwidth-bound), M = 16, and M = 512 (prefill) against a
 4096 x 4096 weight. :func:`gpu_matmul_capture` reads what ``benchmarks/capture_gpu_matmul.py``
 recorded on a CUDA machine (``data/gpu/matmul.json``), or returns None when there is none.
+
+Used by Chapter 4.3 (specialized hardware: matrix units).
 """
 from __future__ import annotations
 

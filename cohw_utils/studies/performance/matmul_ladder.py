@@ -42,6 +42,8 @@ Method
   fp64; the paper's percentages are of an fp64 peak), bf16 for rung 8. The probed peak is
   what torch's GEMM achieves, not a spec-sheet figure, so the BLAS rungs sit near 100%.
 * Every rung's product is checked against numpy's fp64 product (``max_rel_err``).
+
+Used by Chapter 4.3 (the matmul ladder).
 """
 from __future__ import annotations
 

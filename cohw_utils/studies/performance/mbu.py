@@ -25,6 +25,8 @@ after the decode run, and both are reported with their spread.
 the weights once and every sequence's KV cache, and does ``2 x (non-embedding parameters) x
 B`` FLOPs plus attention (``4 x layers x context x heads x head_dim`` per sequence), so
 ``time = max(bytes / bandwidth, FLOPs / peak)`` and tokens/s = ``B / time``.
+
+Used by Chapter 4.1-4.2 (MBU, decode rooflines).
 """
 from __future__ import annotations
 
@@ -469,6 +471,46 @@ def gpu_mbu_capture(path: str | Path | None = None) -> dict[str, Any] | None:
     """The GPU MBU capture written by ``benchmarks/capture_gpu_mbu.py``, or None if absent
     (read by :func:`cohw_utils.core.data.load_gpu_capture`, which checks device and date)."""
     return load_gpu_capture("mbu", path)
+
+
+def mbu_bars(runs: dict[str, DecodeRun], gpu: dict[str, Any] | None = None,
+             published: pd.DataFrame | None = None, reported: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The rows :func:`fig_mbu` draws: this machine's decode runs (MBU against the bandwidth
+    measured right before), the GPU capture if any, gpt-fast's rows as ours and theirs
+    (:func:`published_mbu`), and the MBU other sources report (rows of :func:`load_published`
+    whose metric is ``mbu``). Columns: ``label``, ``mbu_pct``, ``kind``."""
+    rows = [{"label": f"this CPU: {r.model} {r.dtype}, {mode} (vs bandwidth before)", "mbu_pct": 100 * r.mbu(),
+             "kind": "measured"} for mode, r in runs.items()]
+    if gpu:
+        rows.append({"label": f"GPU capture: {gpu['device']} (vs copy)", "mbu_pct": gpu["MBU_vs_copy_%"],
+                     "kind": "gpu capture"})
+    if published is not None:
+        rows += [{"label": f"gpt-fast {r['model']} {r['dtype']}: ours", "mbu_pct": r["our_MBU_%"],
+                  "kind": "ours on published"} for _, r in published.iterrows()]
+        rows += [{"label": f"gpt-fast {r['model']} {r['dtype']}: theirs", "mbu_pct": r["their_MBU_%"],
+                  "kind": "published"} for _, r in published.iterrows()]
+    if reported is not None:
+        rows += [{"label": f"Databricks {r['model']} {r['hardware']}", "mbu_pct": r["value"], "kind": "published"}
+                 for _, r in reported.iterrows()]
+    return pd.DataFrame(rows, columns=["label", "mbu_pct", "kind"])
+
+
+def decode_roofline_points(chips: list[Hardware], workload: str = "llama-2-7b", batches=(1, 16, 256),
+                           context: int = 2048) -> dict[str, pd.DataFrame]:
+    """Per chip: one roofline point per batch for a decode step of ``workload`` (intensity =
+    FLOPs / bytes of :func:`decode_bound`, attainable = min(bf16 or fp16 peak, BW x intensity)),
+    in the form :func:`cohw_utils.views.roofline.fig_roofline` takes as ``points``."""
+    points = {}
+    for hw in chips:
+        rows = []
+        for b in batches:
+            d = decode_bound(workload, hw, b, context)
+            intensity = d["flops"] / d["bytes"]
+            peak = hw.peak("bf16" if "bf16" in hw.peak_flops else "fp16")
+            rows.append({"intensity": intensity, "attainable": min(peak, hw.mem_bw * intensity),
+                         "label": f"b={b}", "group": f"{workload} decode"})
+        points[hw.name] = pd.DataFrame(rows)
+    return points
 
 
 def fig_mbu(bars: pd.DataFrame, target: float | None = 60.0) -> Figure:

@@ -39,6 +39,8 @@ Training state (:func:`training_state`): mixed-precision Adam keeps, per trainab
 parameter, bf16/fp16 weights (2 B) and gradients (2 B), an fp32 master copy (4 B) and two
 fp32 moments (8 B): 16 bytes, as in the ZeRO paper (Rajbhandari et al. 2020); fp32 training
 keeps 4 + 4 + 8 = 16 bytes too. Activations come on top and depend on batch and sequence.
+
+Used by Chapter 4.1-4.2 (memory footprint and serving memory).
 """
 from __future__ import annotations
 
@@ -314,6 +316,29 @@ def accelerate_estimate(model: torch.nn.Module, name: str = "model",
         rows.append({"dtype": dtype, "largest_layer": float(largest), "total_size": float(total),
                      "training_adam": float(usage) if usage != -1 else float("nan")})
     return pd.DataFrame(rows).set_index("dtype")
+
+
+def accelerate_comparison(names: tuple[str, ...] = ("llama-2-7b", "llama-2-13b", "llama-2-70b",
+                                                   "vit-b-16", "resnet-50")) -> pd.DataFrame:
+    """accelerate's ``estimate-memory`` figures beside ours, one row per workload (GB = 1e9 B).
+
+    Each model is built in float32 on ``meta`` (accelerate's base). Ours: bf16 weights
+    (:func:`weight_bytes_by_dtype`) and the Adam training state (:func:`training_state`);
+    accelerate's: fp16 total and training, fp32 training, and its training bytes per parameter.
+    """
+    rows = []
+    for name in names:
+        model = workloads.build(name, device="meta", dtype=torch.float32).model
+        est = accelerate_estimate(model, name)
+        n = count_parameters(model)
+        rows.append({"model": name, "parameters": n,
+                     "accelerate fp16 total GB": est.loc["float16", "total_size"] / 1e9,
+                     "ours bf16 weights GB": weight_bytes_by_dtype(n)["bf16"] / 1e9,
+                     "accelerate fp16 training GB": est.loc["float16", "training_adam"] / 1e9,
+                     "accelerate fp32 training GB": est.loc["float32", "training_adam"] / 1e9,
+                     "ours Adam state GB": training_state(n)["total"] / 1e9,
+                     "accelerate fp16 B/param": est.loc["float16", "training_adam"] / n})
+    return pd.DataFrame(rows).set_index("model")
 
 
 def _trainable(model: torch.nn.Module) -> int:

@@ -35,6 +35,8 @@ Blocks measured (each built from the real library class and a config in this rep
 * :func:`unet_block`: diffusers' ``CrossAttnDownBlock2D``, SD 1.5's first down block (320
   channels, 2 ResNet + 2 transformer layers, 8 heads, cross-attention to 77 x 768 text states,
   stride-2 downsample), with the classifier-free-guidance batch of 2, forward only.
+
+Used by Chapter 4.3 (bandwidth-bound operators).
 """
 from __future__ import annotations
 

@@ -47,6 +47,8 @@ parameters x tokens processed (decode tokens + admitted prompt tokens) + attenti
 = generated tokens / summed iteration time over the steady state: an upper bound (real kernels reach a fraction
 of the roofline: see MBU) that is the same for every scheduler, so the ratio between schemes
 isolates what memory management buys.
+
+Used by Chapter 4.1-4.2 (KV-cache paging against the vLLM paper).
 """
 from __future__ import annotations
 

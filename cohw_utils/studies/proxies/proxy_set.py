@@ -11,6 +11,8 @@ served in half precision) and the NeRF workloads in fp32 (their nerfstudio torch
 implementation); batch 1; LLM phases with a context of ``seq_len`` tokens; NeRF phases on
 ``rays`` rays. A workload's memory-bound share is the mean over its phases, each phase
 weighted equally (one prefill and one decode step count the same).
+
+Used by Chapters 1 and 5 (the proxy set).
 """
 from __future__ import annotations
 
