@@ -81,12 +81,12 @@ def test_missing_ops_check():
 
 
 def test_runs_on_runtime_check():
-    from cohw_utils.studies.enabling import enabling
+    from cohw_utils.studies.enabling import export
 
-    conv = enabling.convert("vanilla-nerf", "render")
+    conv = export.convert("vanilla-nerf", "render")
     v = ex.check_runs_on_runtime(conv)
-    assert not v and "searchsorted" in v.message and "enabling.fix" in v.message
-    assert ex.check_runs_on_runtime(enabling.fix(conv))
+    assert not v and "searchsorted" in v.message and "export.fix" in v.message
+    assert ex.check_runs_on_runtime(export.fix(conv))
     assert not ex.check_runs_on_runtime("model.onnx")
 
 
@@ -106,9 +106,9 @@ def test_decode_bound_and_max_batch_checks():
     assert ex.check_decode_bound("llama-2-7b", "H100-SXM", 8, d["tokens_per_s"])
     v = ex.check_decode_bound("llama-2-7b", "H100-SXM", 8, d["per_sequence_tokens_per_s"])
     assert not v and "one sequence" in v.message
-    assert ex.check_max_batch("llama-2-13b", "A100-40GB", 2048, 7)  # vLLM's example (Chapter 4.1-4.2)
+    assert ex.check_max_batch("llama-2-13b", "A100-40GB", 2048, 5)  # vLLM's example (Chapter 4.1-4.2)
     v = ex.check_max_batch("llama-2-13b", "A100-40GB", 2048, 8)
-    assert not v and "activations" in v.message
+    assert not v and "runtime reserve" in v.message
 
 
 def test_ridge_and_systolic_checks():
@@ -132,11 +132,11 @@ def test_quant_checks():
     v = ex.check_bits_per_weight(4, 128, 4096, 4)
     assert not v and "scales" in v.message
     assert ex.check_bits_per_weight(8, None, 4096, 8 + 16 / 4096)  # int8 symmetric, per channel
-    from cohw_utils.studies.quantization import quant
+    from cohw_utils.studies.quantization import scale_up
     from cohw_utils import workloads
 
     model = workloads.build("llama-2-70b", device="meta").model
-    gb = quant.model_bytes(model, "Q4_0")["bytes"] / 1e9
+    gb = scale_up.model_bytes(model, "Q4_0")["bytes"] / 1e9
     assert 38 < gb < 40  # 4.5 bits on 68.5B linear params + 2 x 1.05B fp16 embedding/head
     assert ex.check_weight_gb("llama-2-70b", "Q4_0", gb)
     v = ex.check_weight_gb("llama-2-70b", "Q4_0", 68_976_648_192 * 4.5 / 8 / 1e9)
@@ -150,10 +150,42 @@ def test_energy_checks():
     assert not v and "per byte" in v.message
     with pytest.raises(CohwError, match="levels"):
         ex.check_energy_ratio(1, level="disk")
-    from cohw_utils.views.energy_model import EnergyTable, decode_batch_sweep
+    from cohw_utils.studies.energy.estimates import decode_batch_sweep
+    from cohw_utils.views.energy_model import EnergyTable
     from cohw_utils.hardware import get_hardware
 
     r = decode_batch_sweep("llama-2-7b", [4], EnergyTable.load("7nm-hbm2e"), hw=get_hardware("H100-SXM")).iloc[0]
     assert ex.check_decode_energy_per_token("llama-2-7b", 4, r["J_per_token"])
     v = ex.check_decode_energy_per_token("llama-2-7b", 4, r["compute_J_per_token"])
     assert not v and "arithmetic alone" in v.message
+
+
+def test_spill_time_check_and_hints():
+    right = max(80 / 3350, 60 / 450)
+    assert ex.check_spill_time(right)
+    serial = 80 / 3350 + 60 / 450
+    v = ex.check_spill_time(serial)
+    assert not v and "serial" in v.message
+    assert "HBM speed" in ex.check_spill_time(140 / 3350).message
+
+
+def test_binding_and_pareto_checks():
+    import pandas as pd
+
+    from cohw_utils.spine.analyze import analyze
+    from cohw_utils.studies.codesign.accelerator import from_hardware
+    from cohw_utils.studies.codesign.phases import prepare
+    from cohw_utils.views.energy_model import EnergyTable
+
+    table = EnergyTable.load("7nm-hbm2e")
+    ref = from_hardware("H100-SXM")
+    p = prepare(analyze("llama-2-7b", "decode", seq_len=128))
+    assert ex.check_binding("HBM", ref, p, table=table)
+    v = ex.check_binding("compute", ref, p, table=table)
+    assert not v and "HBM" in v.message
+    assert "answer one of" in ex.check_binding("DRAM", ref, p, table=table).message
+    pts = pd.DataFrame({"cost": [1, 2, 3], "time": [3, 1, 2]}, index=["a", "b", "c"])
+    assert ex.check_pareto(["a", "b"], pts)
+    v = ex.check_pareto(["a", "b", "c"], pts)
+    assert not v and "dominated" in v.message
+    assert "missing" in ex.check_pareto(["a"], pts).message

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from cohw_utils.studies.codesign import design
+from cohw_utils.studies.codesign import accelerator, phases, sweep, what_if
 from cohw_utils.views import energy_model as energy
 from cohw_utils.studies.codesign import requirements as rr
 from cohw_utils.spine.analyze import analyze
@@ -67,7 +67,7 @@ def test_format_feature_brings_its_software_requirement():
 
 @pytest.fixture(scope="module")
 def nerf_phases():
-    return [design.prepare(analyze("nerfacto", ph, rays=256, dtype="fp32")) for ph in ("render", "train_step")]
+    return [phases.prepare(analyze("nerfacto", ph, rays=256, dtype="fp32")) for ph in ("render", "train_step")]
 
 
 def test_software_gaps_from_the_target(nerf_phases):
@@ -85,14 +85,14 @@ def test_software_gaps_from_the_target(nerf_phases):
 
 
 def test_bindings_per_workload_and_csv(nerf_phases, tmp_path):
-    ref = design.from_hardware("H100-SXM")
+    ref = accelerator.from_hardware("H100-SXM")
     table = energy.EnergyTable.load("7nm-hbm2e")
-    res = design.evaluate(ref, nerf_phases, table)
+    res = sweep.evaluate_designs(ref, nerf_phases, table)
     w = pd.Series({p.label: 0.5 for p in nerf_phases})
     b = rr.bindings(res, w)
     assert set(b.index) == {p.label for p in nerf_phases} and (b["weight"] == 0.5).all()
     assert (b["binding_share"] > 0.5).all()
-    gains = design.feature_gains(ref, nerf_phases, table=table)
+    gains = what_if.feature_gains(ref, nerf_phases, table=table)
     best = rr.best_features(gains)
     sw = rr.software_gaps(nerf_phases)
     per = rr.per_workload(b, best, sw)
@@ -102,4 +102,4 @@ def test_bindings_per_workload_and_csv(nerf_phases, tmp_path):
     back = pd.read_csv(path, index_col="rank")
     assert list(back["requirement"]) == list(reqs["requirement"])
     with pytest.raises(CohwError, match="one design"):
-        rr.bindings(design.evaluate([ref, ref.replace(name="other")], nerf_phases, table))
+        rr.bindings(sweep.evaluate_designs([ref, ref.replace(name="other")], nerf_phases, table))

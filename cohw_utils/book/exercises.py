@@ -8,12 +8,19 @@ function names the chapter whose exercise it checks.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cohw_utils.core.errors import CohwError
 from cohw_utils.core.data import DATA_DIR
+
+if TYPE_CHECKING:  # annotations only: the chapters' modules load when a check runs
+    import pandas as pd
+
+    from cohw_utils.studies.codesign.accelerator import Accelerator
+    from cohw_utils.studies.codesign.phases import PreparedPhase
 
 CAPSTONE_CONFIG = DATA_DIR / "configs" / "capstone" / "mixtral-8x7b" / "config.json"
 
@@ -220,7 +227,7 @@ def check_missing_ops(workload: str, phase: str, answer, target: str = "onnx-ops
     if isinstance(answer, str) or not hasattr(answer, "__iter__"):
         return Verdict(False, f"answer with a collection of op names such as {{'aten.searchsorted'}}, got {answer!r}")
     given = {a if str(a).startswith("aten.") else f"aten.{a}" for a in map(str, answer)}
-    expected = set(targets.missing_ops(gaps.trace_phase(workload, phase), target)["op"])
+    expected = set(targets.missing_ops(gaps.trace_tiny_phase(workload, phase), target)["op"])
     if given == expected:
         return Verdict(True, f"{workload}:{phase} needs {len(expected)} op(s) {target} lacks: "
                        f"{', '.join(sorted(expected))}")
@@ -237,12 +244,12 @@ def check_missing_ops(workload: str, phase: str, answer, target: str = "onnx-ops
 
 
 def check_runs_on_runtime(conv) -> Verdict:
-    """Chapter 3: does a :class:`cohw_utils.studies.enabling.enabling.Conversion` run in onnxruntime with
+    """Chapter 3: does a :class:`cohw_utils.studies.enabling.export.Conversion` run in onnxruntime with
     numerical parity? When it does not, the message names the failure and the route to a fix."""
-    from cohw_utils.studies.enabling import enabling
+    from cohw_utils.studies.enabling import export
 
-    if not isinstance(conv, enabling.Conversion):
-        return Verdict(False, f"pass the Conversion returned by enabling.convert() or enabling.fix(), "
+    if not isinstance(conv, export.Conversion):
+        return Verdict(False, f"pass the Conversion returned by export.convert() or export.fix(), "
                        f"got {type(conv).__name__}")
     name = f"{conv.workload}:{conv.phase} ({conv.dtype})"
     if conv.ok:
@@ -253,7 +260,7 @@ def check_runs_on_runtime(conv) -> Verdict:
         return Verdict(False, f"{name} runs but misses parity: max |diff| {conv.parity.max_abs:.3g} "
                        f"outside {conv.parity.tolerance}")
     f = conv.failure
-    route = ("enabling.fix(conv) decomposes the op into ones the exporter knows" if enabling.fixable(conv)
+    route = ("export.fix(conv) decomposes the op into ones the exporter knows" if export.fixable(conv)
              else "no decomposition applies; enabling.offload() keeps that part in torch")
     return Verdict(False, f"{name} failed at {f.stage} ({f.klass}{': ' + f.op if f.op else ''}); {route}")
 
@@ -292,13 +299,13 @@ def check_decode_bound(workload: str, hardware: str, batch: int, answer: float, 
 
 def check_max_batch(workload: str, hardware: str, context: int, answer: float, dtype: str = "fp16") -> Verdict:
     """Chapter 4.1-4.2: the largest batch of ``context``-token sequences whose weights, KV
-    cache and activations (5% of memory) fit on one ``hardware`` chip."""
+    cache fit on one ``hardware`` chip, less the runtime reserve (10% of memory)."""
     from cohw_utils.studies.performance import memory
 
     hw = _hardware(hardware)
     expected = memory.max_batch(workload, hw, context, dtype)
-    near = {memory.max_batch(workload, hw, context, dtype, activation_fraction=0.0):
-            "That leaves nothing for activations (5% of memory here)."}
+    near = {memory.max_batch(workload, hw, context, dtype, reserve_fraction=0.0):
+            "That leaves no runtime reserve (10% of memory: CUDA context, allocator, activations)."}
     near.pop(expected, None)
     return _exact(answer, expected, f"largest batch of {workload} at {context} tokens on {hw.name}", near)
 
@@ -332,9 +339,9 @@ def check_bits_per_weight(bits: int, group_size: int | None, in_features: int, a
     """Chapter 4.2b: storage bits per weight of ``bits``-bit codes with one fp16 scale (and,
     when asymmetric, one ``bits``-bit zero point) per ``group_size`` weights (None: per row of
     ``in_features``). Symmetric by default at 8 bits, asymmetric below (the book's defaults)."""
-    from cohw_utils.studies.quantization import quant
+    from cohw_utils.studies.quantization import schemes
 
-    sch = quant.scheme(bits, group_size, symmetric)
+    sch = schemes.scheme(bits, group_size, symmetric)
     expected = sch.bits_per_weight(in_features)
     v = compare(answer, expected, f"bits per weight of {sch.name} on rows of {in_features}", 0.001)
     if not v.ok and _is_number(answer) and float(answer) == bits:
@@ -346,17 +353,17 @@ def check_bits_per_weight(bits: int, group_size: int | None, in_features: int, a
 
 def check_weight_gb(workload: str, fmt: str, answer: float) -> Verdict:
     """Chapter 4.2b: weight gigabytes (1e9 bytes) of ``workload`` with its decoder-block
-    linears in ``fmt`` (a key of :data:`cohw_utils.studies.quantization.quant.SCALEUP_FORMATS`) and everything
+    linears in ``fmt`` (a key of :data:`cohw_utils.studies.quantization.scale_up.SCALEUP_FORMATS`) and everything
     else in fp16."""
-    from cohw_utils.studies.quantization import quant
+    from cohw_utils.studies.quantization import scale_up
     from cohw_utils import workloads
 
     model = workloads.build(workload, device="meta").model
-    mb = quant.model_bytes(model, fmt)
+    mb = scale_up.model_bytes(model, fmt)
     expected = mb["bytes"] / 1e9
     v = compare(answer, expected, f"{workload} weights in {fmt} (GB)", 0.01)
     if not v.ok and _is_number(answer):
-        bits = quant.SCALEUP_FORMATS[fmt](4096) if fmt in quant.SCALEUP_FORMATS else None
+        bits = scale_up.SCALEUP_FORMATS[fmt](4096) if fmt in scale_up.SCALEUP_FORMATS else None
         naive = mb["params"] * bits / 8 / 1e9 if bits else None
         if naive and abs(float(answer) / naive - 1) < 0.01:
             return Verdict(False, v.message + " The embedding, LM head and norms stay in fp16.")
@@ -388,7 +395,8 @@ def check_decode_energy_per_token(workload: str, batch: int, answer: float, pres
     """Chapter 4.4: joules per generated token of ``workload``'s decode step at ``batch`` and
     context ``seq_len`` (fp16) under the ``preset`` energy table, the default reuse model and
     ``hardware``'s on-chip buffer."""
-    from cohw_utils.views.energy_model import EnergyTable, decode_batch_sweep
+    from cohw_utils.studies.energy.estimates import decode_batch_sweep
+    from cohw_utils.views.energy_model import EnergyTable
 
     sweep = decode_batch_sweep(workload, [batch], EnergyTable.load(preset), hw=_hardware(hardware), seq_len=seq_len)
     r = sweep.iloc[0]
@@ -398,3 +406,59 @@ def check_decode_energy_per_token(workload: str, batch: int, answer: float, pres
         return Verdict(False, v.message + " That is the arithmetic alone; moving the bytes costs "
                        f"{r['memory_share']:.0%} of the total.")
     return v
+
+
+# ------------------------------------------------------------------------------- Chapter 5
+def check_spill_time(answer: float, weight_gb: float = 140.0, hbm_gb: float = 80.0, hbm_tbs: float = 3.35,
+                     slow_gbs: float = 450.0) -> Verdict:
+    """Chapter 5: time (s) to read ``weight_gb`` of weights once when ``hbm_gb`` of them sit
+    in HBM at ``hbm_tbs`` and the rest in a slow tier at ``slow_gbs`` (tiers in parallel)."""
+    from cohw_utils.studies.codesign.placement import spill_time
+
+    exp = spill_time(weight_gb * 1e9, hbm_gb * 1e9, hbm_tbs * 1e12, slow_gbs * 1e9)
+    v = compare(answer, exp, "weight-streaming time (s)", 0.02)
+    if not v.ok:
+        serial = hbm_gb * 1e9 / (hbm_tbs * 1e12) + (weight_gb - hbm_gb) * 1e9 / (slow_gbs * 1e9)
+        if abs(float(answer) / serial - 1) < 0.02:
+            return Verdict(False, v.message + " That is the serial sum: the model lets the two tiers transfer at "
+                           "the same time, so the time is the slower of the two.")
+        if abs(float(answer) / (weight_gb * 1e9 / (hbm_tbs * 1e12)) - 1) < 0.02:
+            return Verdict(False, v.message + " That is all weights at HBM speed: the spilled part streams from "
+                           "the slow tier.")
+    return v
+
+
+def check_binding(answer: str, design: Accelerator, phase: PreparedPhase, **kw: Any) -> Verdict:
+    """Chapter 5: which resource binds ``phase`` on ``design`` (one of
+    :data:`cohw_utils.studies.codesign.accelerator.RESOURCES`)? ``kw`` go to
+    :func:`cohw_utils.studies.codesign.sweep.evaluate_designs`."""
+    from cohw_utils.studies.codesign.accelerator import RESOURCES
+    from cohw_utils.studies.codesign.sweep import evaluate_designs
+
+    r = evaluate_designs(design, phase, **kw).iloc[0]
+    shares = ", ".join(f"{x} {r[f'share_{x}']:.0%}" for x in RESOURCES if r[f"share_{x}"] > 0.005)
+    if str(answer).strip().lower() == r["binding"].lower():
+        return Verdict(True, f"{r['binding']} binds {phase.label} on {design.name} (time shares: {shares})")
+    if str(answer).strip() not in RESOURCES:
+        return Verdict(False, f"answer one of {', '.join(RESOURCES)}")
+    return Verdict(False, f"not {answer}: the time shares by binding resource are {shares}")
+
+
+def check_pareto(answer: Iterable[str], points: pd.DataFrame, columns: Sequence[str] = ("cost", "time")) -> Verdict:
+    """Chapter 5: the names (index of ``points``) of the Pareto-optimal rows, every column in
+    ``columns`` minimised."""
+    from cohw_utils.studies.codesign.pareto import pareto_mask
+
+    mask = pareto_mask(points[list(columns)].to_numpy())
+    exp = set(points.index[mask])
+    got = set(answer)
+    if got == exp:
+        return Verdict(True, f"the front is {sorted(exp)}")
+    extra, miss = sorted(got - exp), sorted(exp - got)
+    msg = []
+    if extra:
+        msg.append(f"{extra} {'is' if len(extra) == 1 else 'are'} dominated (another point is no worse in every "
+                   "column and better in one)")
+    if miss:
+        msg.append(f"missing {miss}: nothing dominates {'it' if len(miss) == 1 else 'them'}")
+    return Verdict(False, "; ".join(msg))

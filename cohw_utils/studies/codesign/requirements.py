@@ -3,9 +3,9 @@ most, what software it still lacks, merged into one prioritised table a team can
 
 Inputs, all computed elsewhere:
 
-* **Binding resource**: :func:`cohw_utils.studies.codesign.design.evaluate` of a base design (the resource
+* **Binding resource**: :func:`cohw_utils.studies.codesign.sweep.evaluate_designs` of a base design (the resource
   whose bound ops take most of the phase's time).
-* **Hardware features**: :func:`cohw_utils.studies.codesign.design.feature_gains` (each feature alone on the
+* **Hardware features**: :func:`cohw_utils.studies.codesign.what_if.feature_gains` (each feature alone on the
   base design; modelled speedup and energy ratio per phase).
 * **Software gaps**, from the enabling chapter's data: :func:`cohw_utils.views.target_coverage.missing_ops`
   of each phase's op table against a target stack (default ``onnx-opset18``, the ops an
@@ -18,7 +18,7 @@ Inputs, all computed elsewhere:
   these were available.
 
 Priority: one scale for both kinds, **the weighted share of the proxy set the requirement
-affects** (phase weights from Chapter 1's ranking, :func:`cohw_utils.studies.codesign.design.phase_weights`):
+affects** (phase weights from Chapter 1's ranking, :func:`cohw_utils.studies.codesign.proxy_phases.phase_weights`):
 
 * a hardware feature scores ``sum_p w_p * (1 - 1 / speedup_p)``: the share of weighted proxy
   time it saves (counted only where the speedup exceeds ``min_gain``);
@@ -53,12 +53,13 @@ def available_sources() -> dict[str, bool]:
     """Which software-gap sources import here: ``targets`` (Chapter 2's target descriptions)
     and ``gaps`` (Chapter 3's gap list and runtime formats)."""
     out = {}
-    for mod in ("targets", "gaps"):
+    for key, mod in (("targets", "cohw_utils.views.target_coverage"),
+                     ("gaps", "cohw_utils.studies.enabling.gap_report")):
         try:
-            importlib.import_module(f"cohw_utils.{mod}")
-            out[mod] = True
+            importlib.import_module(mod)
+            out[key] = True
         except Exception:  # noqa: BLE001 - any import failure means "not available"
-            out[mod] = False
+            out[key] = False
     return out
 
 
@@ -67,7 +68,7 @@ SOURCES: dict[str, bool] = {}
 
 
 def bindings(results: pd.DataFrame, weights: pd.Series | None = None) -> pd.DataFrame:
-    """One row per phase of a single design's :func:`~cohw_utils.studies.codesign.design.evaluate` results:
+    """One row per phase of a single design's :func:`~cohw_utils.studies.codesign.sweep.evaluate_designs` results:
     class, binding resource, its time share, utilizations, time per unit, fits, weight."""
     if results["design"].nunique() != 1:
         raise CohwError("bindings needs the results of one design; filter results[results.design == name]")
@@ -220,7 +221,7 @@ def rollup(best: pd.DataFrame, gains: pd.DataFrame, sw: pd.DataFrame, weights: p
                         "modelled_gain": f"best {gain}; energy "
                                          f"x{np.exp(np.log(g['energy_ratio']).mean()):.2f} (geo-mean)",
                         "score": score,
-                        "evidence": f"design.feature_gains: best feature for "
+                        "evidence": f"what_if.feature_gains: best feature for "
                                     f"{int((best['best_feature'] == feat).sum())} of {len(best)} phases"})
     hw = pd.DataFrame(hw_rows)
     if top_features is not None and len(hw):
