@@ -7,7 +7,8 @@ import torch
 
 from cohw_utils.core.errors import CohwError
 from cohw_utils.studies.quantization.gptq import gptq_lm, gptq_quantize, obq_reference
-from cohw_utils.studies.quantization.quant import Scheme, block_linears, quantize_rtn, scheme
+from cohw_utils.studies.quantization.blocks import block_linears
+from cohw_utils.studies.quantization.schemes import Scheme, quantize_rtn, scheme
 
 
 def _correlated_h(k: int, n: int = 2000, seed: int = 0, dtype=torch.float64) -> torch.Tensor:

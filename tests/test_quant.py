@@ -3,12 +3,15 @@ AWQ scaling, the int8 KV cache and the scale-up arithmetic."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from cohw_utils.studies.quantization import quant
 from cohw_utils.core.errors import CohwError
-from cohw_utils.studies.quantization.quant import QuantLinear, Scheme, gguf_quantize, quantize_rtn, scheme
+from cohw_utils.studies.quantization import awq, blocks, gguf_blocks, kv_int8, ladder, methods, results, scale_up
+from cohw_utils.studies.quantization.gguf_blocks import gguf_quantize
+from cohw_utils.studies.quantization.kernels import QuantLinear
+from cohw_utils.studies.quantization.schemes import Scheme, quantize_rtn, scheme
 
 
 def _w(n=64, k=256, seed=0):
@@ -72,7 +75,7 @@ def test_gguf_blocks_match_llama_cpp_layout_and_dequantization(qtype, block_byte
     raw, q = gguf_quantize(w, qtype)
     assert raw.dtype == np.uint8 and raw.nbytes == 64 * 256 // 32 * block_bytes == q.nbytes
     assert q.bits_per_weight == pytest.approx(bpw)
-    ref = quant.gguf_dequantize(raw, qtype)        # llama.cpp's reference, via the gguf package
+    ref = gguf_blocks.gguf_dequantize(raw, qtype)        # llama.cpp's reference, via the gguf package
     assert torch.equal(q.dequantize(), ref.view(64, 256))
     d = q.scale.abs().repeat_interleave(32, dim=1)
     err = (q.dequantize() - w).abs()
@@ -98,8 +101,8 @@ def _tiny_model(layers=2):
 def test_gguf_file_round_trip(tmp_path):
     model = _tiny_model()
     path = tmp_path / "tiny-q4_0.gguf"
-    written = quant.write_gguf(path, model, "Q4_0")
-    table = quant.read_gguf(path).set_index("name")
+    written = gguf_blocks.write_gguf(path, model, "Q4_0")
+    table = gguf_blocks.read_gguf(path).set_index("name")
     assert dict(table["bytes"]) == written
     assert table.loc["blk.0.ffn_down.weight", "type"] == "Q4_0"
     assert table.loc["blk.0.ffn_down.weight", "bytes"] == 64 * 128 // 32 * 18
@@ -109,7 +112,7 @@ def test_gguf_file_round_trip(tmp_path):
 
     t = {x.name: x for x in gguf.GGUFReader(str(path)).tensors}["blk.1.attn_q.weight"]
     _, q = gguf_quantize(model.model.layers[1].self_attn.q_proj.weight, "Q4_0")
-    assert torch.equal(quant.gguf_dequantize(np.asarray(t.data), "Q4_0").view(64, 64), q.dequantize())
+    assert torch.equal(gguf_blocks.gguf_dequantize(np.asarray(t.data), "Q4_0").view(64, 64), q.dequantize())
 
 
 @pytest.mark.parametrize("fmt, kernel", [("int8", "int8pack"), ("int8", "dequant"), ("int4-g32", "int4pack"),
@@ -141,27 +144,27 @@ def test_kernel_choice_and_bad_kernel():
 
 
 def test_parse_method_names():
-    m = quant.parse_method("gptq-int4-g128")
+    m = methods.parse_method("gptq-int4-g128")
     assert (m.algo, m.scheme.bits, m.scheme.group_size, m.scheme.symmetric) == ("gptq", 4, 128, False)
-    assert quant.parse_method("rtn-int8").scheme == Scheme(8, None, True)
-    assert quant.parse_method("gguf-q4_0").gguf_type == "Q4_0"
+    assert methods.parse_method("rtn-int8").scheme == Scheme(8, None, True)
+    assert methods.parse_method("gguf-q4_0").gguf_type == "Q4_0"
     with pytest.raises(CohwError, match="unknown quantization method"):
-        quant.parse_method("int3-magic")
+        methods.parse_method("int3-magic")
 
 
 def test_quantize_lm_accounting_and_input_untouched():
     model = _tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    q = quant.quantize_lm(model, "rtn-int4-g32")
+    q = methods.quantize_lm(model, "rtn-int4-g32")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     lin = 2 * (4 * 64 * 64 + 3 * 64 * 128)           # 2 blocks x (q,k,v,o + gate,up,down)
     assert q.linear_params() == lin
     other = sum(p.numel() for p in model.parameters()) - lin
     assert q.weight_bytes() == sum(t.nbytes for t in q.weights.values()) + 2 * other
     assert q.linear_bits_per_weight() == pytest.approx(4 + 20 / 32)
-    assert quant.quantize_lm(model, "fp32").weight_bytes() == 4 * sum(p.numel() for p in model.parameters())
+    assert methods.quantize_lm(model, "fp32").weight_bytes() == 4 * sum(p.numel() for p in model.parameters())
     with pytest.raises(CohwError, match="calibration"):
-        quant.quantize_lm(model, "gptq-int4")
+        methods.quantize_lm(model, "gptq-int4")
     km, used = q.kernel_model()
     assert used == {"int4pack": 14}
     ids = torch.randint(0, 320, (2, 16))
@@ -172,24 +175,24 @@ def test_quantize_lm_accounting_and_input_untouched():
 def test_awq_scaling_preserves_the_block_and_never_loses_to_rtn():
     model = _tiny_model(layers=1)
     calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
-    states, kwargs = quant.block_inputs(model, calib, batch=2)
-    layer = quant.decoder_layers(model)[0]
-    before = quant.run_block(layer, states, kwargs)
-    stats = quant.collect_stats(layer, states, kwargs)
+    states, kwargs = blocks.block_inputs(model, calib, batch=2)
+    layer = blocks.decoder_layers(model)[0]
+    before = blocks.run_block(layer, states, kwargs)
+    stats = blocks.collect_stats(layer, states, kwargs)
     assert stats["self_attn.q_proj"] is stats["self_attn.v_proj"]   # one input, one set of stats
     w = layer.mlp.down_proj.weight.detach().clone()
-    s, alpha, losses = quant.awq_search([w], stats["mlp.down_proj"], scheme(4, 32))
-    assert losses[0] == pytest.approx(quant.output_error(w, quantize_rtn(w, scheme(4, 32)).dequantize(),
+    s, alpha, losses = awq.awq_search([w], stats["mlp.down_proj"], scheme(4, 32))
+    assert losses[0] == pytest.approx(blocks.output_error(w, quantize_rtn(w, scheme(4, 32)).dequantize(),
                                                          stats["mlp.down_proj"].H))  # alpha 0 = RTN
     assert min(losses) <= losses[0] and s.shape == (128,)
-    quant.awq_scale_block(layer, stats, scheme(4, 32))
-    after = quant.run_block(layer, states, kwargs)
+    awq.awq_scale_block(layer, stats, scheme(4, 32))
+    after = blocks.run_block(layer, states, kwargs)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(before, after))  # same function
 
 
 def test_int8_kv_cache_stores_int8_and_reads_back_within_half_a_step():
     model = _tiny_model()
-    cache = quant.int8_kv_cache(model.config)
+    cache = kv_int8.int8_kv_cache(model.config)
     ids = torch.randint(0, 320, (1, 12))
     with torch.no_grad():
         model(input_ids=ids, cache=cache, use_cache=True)
@@ -199,17 +202,17 @@ def test_int8_kv_cache_stores_int8_and_reads_back_within_half_a_step():
     assert layer.stored_bytes() == 2 * (2 * 13 * 32 + 2 * 13 * 2)
     err = (layer.keys - layer.qk.float() * layer.sk.float()).abs().max()
     assert err == 0
-    assert quant.kv_bytes_per_token(model.config, "int8") * 13 == sum(l.stored_bytes() for l in cache.layers)
+    assert kv_int8.kv_format_bytes_per_token(model.config, "int8") * 13 == sum(l.stored_bytes() for l in cache.layers)
 
 
-def test_kv_bytes_per_token_llama2():
+def test_kv_format_bytes_per_token_llama2():
     from cohw_utils.workloads import load_hf_config, CONFIG_DIR
 
     cfg = load_hf_config(CONFIG_DIR / "llama-2-7b" / "config.json")
-    assert quant.kv_bytes_per_token(cfg, "fp16") == 524_288          # 2 * 32 layers * 32 heads * 128 * 2
-    assert quant.kv_bytes_per_token(cfg, "int8") == 2 * 32 * 32 * 130  # 128 int8 + one fp16 scale
+    assert kv_int8.kv_format_bytes_per_token(cfg, "fp16") == 524_288          # 2 * 32 layers * 32 heads * 128 * 2
+    assert kv_int8.kv_format_bytes_per_token(cfg, "int8") == 2 * 32 * 32 * 130  # 128 int8 + one fp16 scale
     with pytest.raises(CohwError, match="KV-cache format"):
-        quant.kv_bytes_per_token(cfg, "int3")
+        kv_int8.kv_format_bytes_per_token(cfg, "int3")
 
 
 def test_scaleup_bytes_llama2_7b_by_hand():
@@ -218,41 +221,98 @@ def test_scaleup_bytes_llama2_7b_by_hand():
     model = build("llama-2-7b", device="meta").model
     lin = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)      # 6,476,005,376 linear weights
     total = 6_738_415_616
-    fp16 = quant.model_bytes(model, "fp16")
+    fp16 = scale_up.model_bytes(model, "fp16")
     assert fp16["linear_params"] == lin and fp16["params"] == total and fp16["bytes"] == 2 * total
-    int4 = quant.model_bytes(model, "int4 g128")
+    int4 = scale_up.model_bytes(model, "int4 g128")
     assert int4["bytes"] == pytest.approx(lin * (4 + 20 / 128) / 8 + 2 * (total - lin))
-    q40 = quant.model_bytes(model, "Q4_0")["bytes"]
+    q40 = scale_up.model_bytes(model, "Q4_0")["bytes"]
     assert q40 == pytest.approx(lin * 4.5 / 8 + 2 * (total - lin))
-    t = quant.scaleup_table(["llama-2-7b"], context=4096)
+    t = scale_up.scaleup_table(["llama-2-7b"], context=4096)
     row = t[(t.format == "fp16") & (t.chip == "H100-SXM")].iloc[0]
     assert row.fits and row.bound_tok_s == pytest.approx(3350e9 / (2 * total + 524_288 * 4096))
 
 
+def test_scaleup_fits_keeps_the_runtime_reserve():
+    # llama-2-13b fp16 + a 4096-token fp16 KV cache = 26.03 + 3.36 = 29.39 GB: under a
+    # V100-32GB's raw 32 GB, over its usable 28.8 GB (views.memory_budget: 10% reserve)
+    t = scale_up.scaleup_table(["llama-2-13b"], context=4096).set_index(["format", "chip"])
+    row = t.loc[("fp16", "V100-SXM2-32GB")]
+    assert 28.8 < row.weight_GB + row.kv_GB < 32 and not row.fits
+    assert t.loc[("Q8_0", "V100-SXM2-32GB"), "fits"]           # 14.14 + 3.36 GB
+    best = scale_up.largest_fitting_format(t.reset_index()).set_index("chip")
+    assert best.loc["V100-SXM2-32GB", "format"] == "Q8_0" and best.loc["A100-40GB", "format"] == "fp16"
+    assert best.loc["V100-SXM2-16GB", "format"] == "Q4_0"        # 7.79 + 3.36 <= 14.4 GB
+    none = scale_up.largest_fitting_format(scale_up.scaleup_table(["llama-2-70b"], context=4096))
+    row = none.set_index("chip").loc["V100-SXM2-32GB"]
+    assert pd.isna(row.format) and np.isnan(row.bound_tok_s)
+
+
 def test_reference_results_file():
-    ref = quant.load_reference()
-    awq = ref[(ref.model == "Llama-2-7B") & (ref.method == "AWQ")]
-    assert awq.value.iloc[0] == pytest.approx(5.60)
+    ref = scale_up.load_reference()
+    awq_7b = ref[(ref.model == "Llama-2-7B") & (ref.method == "AWQ")]
+    assert awq_7b.value.iloc[0] == pytest.approx(5.60)
     assert set(ref.citation) <= {"lin2024awq"}
 
 
 def test_gemv_ladder_rows_and_bad_shapes():
-    t = quant.gemv_ladder(64, 128, layers=2, repeats=1, warmup=0)
+    t = ladder.gemv_ladder(64, 128, layers=2, repeats=1, warmup=0)
     assert list(t.format) == ["fp32", "bf16", "int8 per-channel", "int8 per-channel", "int4 g128", "int4 g128", "Q4_0"]
     assert t.loc[0, "bytes"] == 4 * 64 * 128 * 2 and t.loc[6, "bytes"] == 2 * 64 * 128 // 32 * 18
     assert (t["GB/s"] > 0).all()
     with pytest.raises(CohwError, match="multiple of 32"):
-        quant.gemv_ladder(64, 100)
+        ladder.gemv_ladder(64, 100)
     with pytest.raises(CohwError, match="context"):
-        quant.scaleup_table(["llama-2-7b"], context=-1)
+        scale_up.scaleup_table(["llama-2-7b"], context=-1)
 
 
 def test_sensitivity_one_layer_at_a_time_and_its_figure():
     model = _tiny_model()
     windows = torch.randint(0, 320, (3, 16), generator=torch.Generator().manual_seed(2))
-    t = quant.sensitivity(model, windows, scheme(2))
-    assert len(t) == 14 and set(t.linear) == set(quant.LINEAR_NAMES) and set(t.block) == {0, 1}
+    t = results.quant_sensitivity(model, windows, scheme(2))
+    assert len(t) == 14 and set(t.linear) == set(blocks.LINEAR_NAMES) and set(t.block) == {0, 1}
     assert ((t.delta_lo <= t.delta_pct) & (t.delta_pct <= t.delta_hi)).all()
     assert t.resolved.dtype == bool
-    fig = quant.sensitivity_figure(t)
+    fig = results.fig_sensitivity(t)
     assert len(fig.axes) == 2  # the map and its colour bar
+
+
+def test_weight_kurtosis_and_output_errors_against_rtn():
+    model = _tiny_model(layers=1)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.copy_(torch.tensor([1.0, -1.0]).repeat(64 * 32).view(64, 64))
+    k = results.weight_kurtosis(model)
+    assert list(k.index) == list(blocks.block_linears(model))
+    # w = +-1: central 4th moment 1, unbiased variance n/(n-1): kurtosis ((n-1)/n)^2
+    n = 64 * 64
+    assert k["model.layers.0.self_attn.q_proj"] == pytest.approx(((n - 1) / n) ** 2)
+    assert 2.8 < k["model.layers.0.mlp.down_proj"] < 3.2   # seeded Gaussian init: about 3
+    calib = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+    qs = {m: methods.quantize_lm(model, m, calib=calib, batch=2) for m in ("rtn-int4-g32", "gptq-int4-g32")}
+    H = blocks.input_second_moments(model, calib, batch=2)
+    t = results.output_error_table(model, qs, {"calibration": H})
+    assert list(t.columns) == ["calibration", "vs RTN (calibration)"]
+    assert t.loc["rtn-int4-g32", "vs RTN (calibration)"] == 1.0
+    assert 0 < t.loc["gptq-int4-g32", "vs RTN (calibration)"] < 1   # GPTQ lowers what it minimises
+    per_layer = results.layer_errors(model, qs, H).set_index("layer")
+    assert t.loc["gptq-int4-g32", "calibration"] == pytest.approx(per_layer["gptq-int4-g32"].sum())
+
+
+def test_rtn_baseline_and_compare_with_rtn():
+    assert results.rtn_baseline("gptq-int4-g128") == "rtn-int4-g128"
+    assert results.rtn_baseline("gptq-int4-act") == "rtn-int4"
+    assert results.rtn_baseline("awq-int3-g64") == "rtn-int3-g64"
+    with pytest.raises(CohwError, match="no round-to-nearest baseline"):
+        results.rtn_baseline("gguf-q4_0")
+    model = _tiny_model(layers=1)
+    windows = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(3))
+    df, qs = results.evaluate_methods(model, ["fp32", "rtn-int2-g32", "awq-int2-g32", "gptq-int3"], windows,
+                                      calib=windows, batch=2)
+    # fp32: every weight once at 4 bytes, but only one 64-wide row of the 320-row embedding
+    assert df.bytes_per_token.iloc[0] == 4 * (sum(p.numel() for p in model.parameters()) - 320 * 64 + 64)
+    v = results.compare_with_rtn(qs)
+    assert list(v.method) == ["awq-int2-g32"] and v.vs.iloc[0] == "rtn-int2-g32"   # gptq-int3 has no rtn-int3
+    row = v.iloc[0]
+    assert row.ppl == pytest.approx(df.set_index("method").loc["awq-int2-g32", "ppl"])
+    assert row["95% lo"] <= row["change %"] <= row["95% hi"]
+    assert row.verdict == ("better" if row["95% hi"] < 0 else "worse" if row["95% lo"] > 0 else "not resolved")
+    assert results.compare_with_rtn({"fp32": qs["fp32"]}).empty

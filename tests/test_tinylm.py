@@ -33,7 +33,7 @@ def test_bpe_tokenizer_is_deterministic_and_round_trips():
     assert a.token_to_id(tinylm.EOT) == 0
     sample = "def f(x):\n    return x ** 2  # é\n"
     assert a.decode(a.encode(sample).ids) == sample
-    ids = tinylm.encode(a, ["ab", "cd"])
+    ids = tinylm.encode_text(a, ["ab", "cd"])
     assert ids.dtype == torch.long and (ids == 0).sum() == 2 and ids[-1] == 0
 
 
@@ -66,6 +66,21 @@ def test_training_is_seeded_and_lowers_the_loss():
     assert 1 < ppl < math.exp(log1.losses[0])
     rate, timing = tinylm.decode_tokens_per_s(m1, ids[None, :8], new_tokens=3, repeats=2, warmup=0)
     assert rate > 0 and timing.repeats == 2
+
+
+def test_paired_change_and_verdict():
+    ref = torch.tensor([1.0, 1.2, 0.8, 1.1], dtype=torch.float64)
+    # every window 0.1 nats worse: +10.52% with a zero-width interval -> "worse"
+    d, lo, hi = tinylm.paired_change(ref, ref + 0.1)
+    assert d == pytest.approx(100 * (math.exp(0.1) - 1)) and lo == pytest.approx(d) and hi == pytest.approx(d)
+    assert tinylm.paired_verdict(lo, hi) == "worse"
+    d, lo, hi = tinylm.paired_change(ref, ref - 0.05)
+    assert d == pytest.approx(100 * (math.exp(-0.05) - 1)) and tinylm.paired_verdict(lo, hi) == "better"
+    # differences +0.1, -0.1, +0.1, -0.1: mean 0, the interval straddles 0
+    d, lo, hi = tinylm.paired_change(ref, ref + torch.tensor([0.1, -0.1, 0.1, -0.1], dtype=torch.float64))
+    assert d == pytest.approx(0.0) and lo < 0 < hi and tinylm.paired_verdict(lo, hi) == "not resolved"
+    assert tinylm.paired_verdict(float("nan"), float("nan")) == "not resolved"   # one window: no interval
+    assert tinylm.paired_verdict(-0.5, 0.0) == "not resolved"                   # touching 0 is not resolved
 
 
 def test_config_validation():

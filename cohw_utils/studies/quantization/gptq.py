@@ -6,7 +6,7 @@ and the authors' reference code (github.com/IST-DASLab/gptq, ``gptq.py``):
 
 * **Objective**: for a linear layer ``W`` (out x in) and calibration inputs ``X``, find
   quantized ``Q`` minimising ``E_x ||(W - Q) x||^2 = tr((W-Q) H (W-Q)^T)``, ``H = E[x x^T]``
-  (:class:`cohw_utils.studies.quantization.quant.InputStats`; the paper's ``2 X X^T`` differs by a constant, which
+  (:class:`cohw_utils.studies.quantization.blocks.InputStats`; the paper's ``2 X X^T`` differs by a constant, which
   changes nothing below). Rows are independent and share ``H``.
 * **OBQ step**: quantize one column ``i`` of every row at once, then move the rounding error onto
   the columns not yet quantized, ``W[:, j] -= (w_i - q_i) / [H^-1]_ii * [H^-1]_ij`` for
@@ -20,7 +20,7 @@ and the authors' reference code (github.com/IST-DASLab/gptq, ``gptq.py``):
   which makes the work matrix-matrix rather than rank-1.
 * **Damping**: ``H += percdamp * mean(diag H) * I`` (percdamp 0.01) before inverting, for
   numerical stability; inputs channels that are always zero get ``H_ii = 1`` and weight 0.
-* **Grid**: the quantization grid (scale/zero, :func:`cohw_utils.studies.quantization.quant.grid`) is fixed per row
+* **Grid**: the quantization grid (scale/zero, :func:`cohw_utils.studies.quantization.schemes.grid`) is fixed per row
   before the sweep (per-channel), or per group of ``g`` columns when the sweep reaches the
   group's first column, from the *error-updated* weights, as the reference code does.
 * **act_order** (the reference code's ``--act-order``, "GPTQ-R" in the AWQ paper): quantize the
@@ -29,6 +29,11 @@ and the authors' reference code (github.com/IST-DASLab/gptq, ``gptq.py``):
 
 :func:`gptq_lm` applies it to a causal LM block by block, each block's calibration inputs
 being the outputs of the already-quantized blocks before it (the paper's sequential scheme).
+Errors are in squared units of a layer's output, averaged over the calibration tokens. This
+module imports only the primitive modules (``schemes``, ``blocks``); the method dispatcher
+(:func:`cohw_utils.studies.quantization.methods.quantize_lm`) imports it, never the reverse.
+
+Used by Chapter 4.2b (quantization): the ``gptq-int*`` methods.
 """
 from __future__ import annotations
 
@@ -39,8 +44,8 @@ import torch
 from torch import nn
 
 from cohw_utils.core.errors import CohwError
-from cohw_utils.studies.quantization.quant import (QTensor, Scheme, block_inputs, collect_stats, decode, decoder_layers, encode, grid,
-                    output_error, quantize_rtn, run_block)
+from cohw_utils.studies.quantization.blocks import block_inputs, collect_stats, decoder_layers, output_error, run_block
+from cohw_utils.studies.quantization.schemes import QTensor, Scheme, decode, encode, grid, quantize_rtn
 
 
 @dataclass

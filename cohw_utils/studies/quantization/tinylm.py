@@ -18,13 +18,18 @@ accuracy it can measure: this module builds one from nothing but the Python inte
   Llama-2 architecture: RMSNorm, rotary embeddings, SwiGLU MLP, untied embedding and head),
   a few million parameters, seeded initialisation.
 * **Training** (:func:`train`): AdamW (fused CPU kernel), linear warm-up then cosine decay, random windows of the
-  training tokens drawn by a seeded generator, optionally under CPU bf16 autocast (fp32 master
-  weights). A fixed number of steps, not a time budget, so the result does not depend on the
+  training tokens drawn by a seeded generator, under CPU bf16 autocast (fp32 master weights)
+  where the CPU computes bf16 natively (:func:`cohw_utils.core.device.cpu_has_native_bf16`), in
+  fp32 where it would emulate it (100x slower there): ``TrainLog``/the chapter say which. A fixed number of steps, not a time budget, so the result does not depend on the
   machine's speed. With the same seed, torch version and thread count the run is bitwise
   repeatable on a CPU; a different thread count changes reduction order and the last digits.
 * **Perplexity** (:func:`perplexity`): ``exp`` of the mean next-token cross-entropy (natural
   log) over non-overlapping windows of the held-out tokens, every token after the first of a
-  window being predicted from the ones before it in that window; fp32, no dropout.
+  window being predicted from the ones before it in that window; fp32, no dropout. Two models
+  are compared on the same windows (:func:`paired_change`, in percent, with a 95% interval from
+  the per-window differences, and :func:`paired_verdict`).
+
+Used by Chapter 4.2b (quantization): the model every method quantizes.
 """
 from __future__ import annotations
 
@@ -40,7 +45,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from cohw_utils.core.device import cpu_has_native_bf16
 from cohw_utils.core.errors import CohwError
+from cohw_utils.spine.analyze import count_parameters
 
 EOT = "<|endoftext|>"
 
@@ -109,7 +116,7 @@ def train_tokenizer(texts: tuple[str, ...] | list[str], vocab_size: int = 4096):
     return tok
 
 
-def encode(tok, texts) -> torch.Tensor:
+def encode_text(tok, texts) -> torch.Tensor:
     """All texts as one 1-D LongTensor of ids, each file followed by ``<|endoftext|>``."""
     eot = tok.token_to_id(EOT)
     ids: list[int] = []
@@ -136,7 +143,7 @@ class TinyLMConfig:
     lr: float = 3e-3
     warmup: int = 20
     weight_decay: float = 0.1
-    bf16: bool = True
+    bf16: bool = field(default_factory=cpu_has_native_bf16)  # autocast only where bf16 is native
     seed: int = 0
 
     def __post_init__(self):
@@ -275,6 +282,14 @@ def paired_change(nll_ref: torch.Tensor, nll: torch.Tensor) -> tuple[float, floa
     return pct(m), pct(m - 1.96 * se), pct(m + 1.96 * se)
 
 
+def paired_verdict(lo: float, hi: float) -> str:
+    """The paired-verdict rule for a change's 95% interval ``[lo, hi]`` (from :func:`paired_change`;
+    negative = lower perplexity): ``"better"`` when the whole interval is below 0, ``"worse"``
+    when it is above 0, else ``"not resolved"`` (the held-out set cannot tell the two apart;
+    also when the interval is NaN)."""
+    return "better" if hi < 0 else "worse" if lo > 0 else "not resolved"
+
+
 # ------------------------------------------------------------------------------------ decode timing
 @torch.no_grad()
 def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 32, repeats: int = 5,
@@ -318,7 +333,7 @@ class TinyLM:
     log: TrainLog
 
     def n_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return count_parameters(self.model)
 
 
 def build_tiny_lm(cfg: TinyLMConfig | None = None, heldout_every: int = 10,
@@ -330,8 +345,8 @@ def build_tiny_lm(cfg: TinyLMConfig | None = None, heldout_every: int = 10,
     if tok.get_vocab_size() != cfg.vocab_size:
         raise CohwError(f"the corpus gave a BPE vocabulary of {tok.get_vocab_size()}, not {cfg.vocab_size}; "
                         "lower vocab_size")
-    train_ids = encode(tok, corpus.train_texts)
-    heldout_ids = encode(tok, corpus.heldout_texts)
+    train_ids = encode_text(tok, corpus.train_texts)
+    heldout_ids = encode_text(tok, corpus.heldout_texts)
     model = make_model(cfg)
     log = train(model, train_ids, cfg, log_every=log_every, callback=callback)
     return TinyLM(cfg, corpus, tok, model, train_ids, heldout_ids, log)
@@ -341,7 +356,7 @@ def config_dict(cfg: TinyLMConfig) -> dict[str, Any]:
     return asdict(cfg)
 
 
-def loss_figure(log: TrainLog, heldout_ppl: float | None = None):
+def fig_loss(log: TrainLog, heldout_ppl: float | None = None):
     """Training loss per step (and its running mean), with the final held-out loss as a line."""
     from matplotlib.figure import Figure
 
