@@ -29,7 +29,7 @@ def data_path(*parts: str | Path) -> Path:
     """The path of a packaged data file, ``DATA_DIR / parts...``; raises if it does not exist."""
     path = DATA_DIR.joinpath(*parts)
     if not path.exists():
-        raise DataFileError(f"data file {path.relative_to(DATA_DIR.parent)} is missing; "
+        raise DataFileError(f"cannot read data file {path.relative_to(DATA_DIR.parent)}: it is missing; "
                             "reinstall the package (`make venv`) or restore it from git")
     return path
 
@@ -47,7 +47,7 @@ def read_table(path: str | Path, required: Iterable[str] = (), *, numeric: Itera
     if not p.is_absolute():
         p = data_path(p)
     elif not p.exists():
-        raise DataFileError(f"data file {p} does not exist; check the path")
+        raise DataFileError(f"cannot read {p}: it does not exist; check the path")
     try:
         table = pd.read_csv(p, **read_csv)
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:

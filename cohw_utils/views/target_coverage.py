@@ -31,7 +31,7 @@ import pandas as pd
 
 from cohw_utils.spine.costs import VIEW
 from cohw_utils.core.errors import CohwError
-from cohw_utils.core.data import DATA_DIR
+from cohw_utils.core.data import DATA_DIR, read_table
 from cohw_utils.spine import optable
 
 TARGET_DIR = DATA_DIR / "targets"
@@ -54,15 +54,7 @@ class Target:
 
 # ------------------------------------------------------------------------------------ loading
 def _index() -> pd.DataFrame:
-    path = TARGET_DIR / _INDEX
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except OSError as e:
-        raise CohwError(f"cannot read the target index {path} ({e}); reinstall cohw_utils") from None
-    missing = [c for c in _INDEX_COLUMNS if c not in df.columns]
-    if missing:
-        raise CohwError(f"{path}: missing column(s) {', '.join(missing)}; fix the index file")
-    return df
+    return read_table(TARGET_DIR / _INDEX, required=_INDEX_COLUMNS, dtype=str, keep_default_na=False)
 
 
 def list_targets() -> list[str]:
@@ -82,13 +74,7 @@ def target_ops_table(name: str) -> pd.DataFrame:
     """A target's op list as shipped: one row per op packet with ``via`` and ``evidence``."""
     row = _row(name)
     path = TARGET_DIR / row["file"]
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except OSError as e:
-        raise CohwError(f"target {row['name']!r}: cannot read {path} ({e}); check data/targets/") from None
-    missing = [c for c in _OP_COLUMNS if c not in df.columns]
-    if missing:
-        raise CohwError(f"{path}: missing column(s) {', '.join(missing)}; each row needs op, via, evidence")
+    df = read_table(path, required=_OP_COLUMNS, dtype=str, keep_default_na=False)
     bad = df[~df["op"].str.startswith("aten.") | (df["op"].str.count(r"\.") != 1)]
     if len(bad):
         raise CohwError(f"{path}: op packets must look like 'aten.mm'; fix rows {list(bad['op'][:5])}")

@@ -49,7 +49,7 @@ import pandas as pd
 import torch
 
 from cohw_utils import workloads
-from cohw_utils.core.data import DATA_DIR
+from cohw_utils.core.data import DATA_DIR, read_table
 from cohw_utils.core.errors import CohwError
 from cohw_utils.spine.trace import trace
 from cohw_utils.studies.enabling.decompose import DECOMPOSITIONS
@@ -236,14 +236,8 @@ def runtime_formats(path: str | Path | None = None) -> pd.DataFrame:
     """``data/runtime_formats.csv``: one row per weight/activation format, with the ONNX
     operators onnxruntime uses for it, how a model gets there, the probe that checks it here,
     the workload domains it matters for (``;``-separated) and sources."""
-    p = Path(path) if path else FORMATS_CSV
-    try:
-        df = pd.read_csv(p, dtype=str, keep_default_na=False)
-    except OSError as e:
-        raise CohwError(f"cannot read {p} ({e.strerror}); pass the path to a runtime_formats.csv") from None
-    missing = [c for c in _FORMAT_COLUMNS if c not in df.columns]
-    if missing:
-        raise CohwError(f"{p}: missing column(s) {', '.join(missing)}; see cohw_utils/data/README.md")
+    p = Path(path).resolve() if path else FORMATS_CSV
+    df = read_table(p, required=_FORMAT_COLUMNS, dtype=str, keep_default_na=False)
     unknown = sorted(set(df["probe"]) - set(PROBES) - {""})
     if unknown:
         raise CohwError(f"{p}: unknown probe(s) {unknown}; known: {', '.join(PROBES)}")
