@@ -14,6 +14,13 @@ Units and semantics (everything here is SI, per second, per chip):
   the vendor does not publish it.
 * ``Hardware.ridge_point(dtype)``: peak FLOP/s / bandwidth, in FLOP per byte: the arithmetic
   intensity above which a kernel can be compute-bound on that chip (the roofline's knee).
+* ``Hardware.sector_bytes``: the smallest unit, in bytes, in which the chip moves data between
+  its last-level cache and DRAM: 32 on NVIDIA GPUs since compute capability 6.0 (CUDA C++ Best
+  Practices Guide, "Coalesced Access to Global Memory": a warp's accesses coalesce into 32-byte
+  transactions), 32 on MI300X (the smallest L2-to-HBM read request, ROCm performance-counter
+  docs), 64 on a CPU (one cache line). The tracer rounds gathers and scattered writes up to it:
+  ``trace(..., sector_bytes=hw.sector_bytes)`` (:mod:`cohw_utils.spine.costs`). An empty CSV cell
+  (or a CSV without the column) means :data:`DEFAULT_SECTOR_BYTES`.
 
 The table lives in ``cohw_utils/data/hardware.csv`` (see ``cohw_utils/data/README.md``); the
 special name ``'host'`` is this machine, measured by :mod:`cohw_utils.hardware.probe`.
@@ -33,6 +40,10 @@ import pandas as pd
 from cohw_utils.core.dtypes import dtype_name
 from cohw_utils.core.errors import CohwError, HardwareError
 from cohw_utils.core.data import DATA_DIR
+
+#: Sector size assumed where a chip's is not stated: 32 bytes, NVIDIA's DRAM access granularity
+#: (CUDA C++ Best Practices Guide, "Coalesced Access to Global Memory").
+DEFAULT_SECTOR_BYTES = 32
 
 #: The dtype keys of ``Hardware.peak_flops``, in display order.
 DTYPES: tuple[str, ...] = ("fp64", "fp32", "tf32", "fp16", "bf16", "fp8", "int8")
@@ -73,6 +84,8 @@ class Hardware:
 
     ``peak_flops`` maps dtype keys to dense FLOP/s; ``mem_bw`` is bytes/s; ``mem_bytes`` and
     ``llc_bytes`` are bytes; ``tdp_w`` is watts. ``None`` means "not published/measured".
+    ``sector_bytes`` is the DRAM access granularity in bytes (default
+    :data:`DEFAULT_SECTOR_BYTES`; a CPU host should pass 64, its cache line).
     """
 
     name: str
@@ -86,6 +99,7 @@ class Hardware:
     source: str
     notes: str = ""
     memory_type: str = ""
+    sector_bytes: int = DEFAULT_SECTOR_BYTES
 
     def peak(self, dtype: Any) -> float:
         """Dense peak throughput for ``dtype`` in FLOP/s (ops/s for int8).
@@ -137,6 +151,15 @@ def _row_to_hardware(path: Path, line: int, row: pd.Series, numbers: pd.Series) 
     def optional(column: str, scale: float) -> float | None:
         return float(numbers[column]) * scale if row[column].strip() else None
 
+    sector = DEFAULT_SECTOR_BYTES
+    raw_sector = str(row.get("sector_bytes", "")).strip()
+    if raw_sector:
+        value = pd.to_numeric(raw_sector, errors="coerce")
+        if not (math.isfinite(value) and value > 0 and float(value).is_integer()):
+            raise _bad(path, line, name, "sector_bytes", raw_sector,
+                       "is not a positive whole number of bytes")
+        sector = int(value)
+
     return Hardware(
         name=name,
         vendor=row["vendor"].strip(),
@@ -149,6 +172,7 @@ def _row_to_hardware(path: Path, line: int, row: pd.Series, numbers: pd.Series) 
         source=row["source"].strip(),
         notes=row["notes"].strip(),
         memory_type=row["memory_type"].strip(),
+        sector_bytes=sector,
     )
 
 

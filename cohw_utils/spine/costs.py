@@ -9,10 +9,33 @@ Counting semantics
   backward, scaled-dot-product attention in all its fused variants). The contraction formulas
   are torch's own (``torch.utils.flop_counter.flop_registry``); we do not re-derive them. A
   bias add fused into ``addmm``/``baddbmm``/convolution is not counted, as torch does not.
-* **Attention is counted full**, as torch's formula does: ``4 * B * H * Tq * Tk * D`` FLOPs for
-  QK^T and PV, whether or not the call is causal. A causal kernel that skips masked tiles does
-  about half that work; :func:`cohw_utils.spine.trace.summarize` reports the contraction total as
-  counted. Softmax inside a fused attention kernel is not counted separately.
+* **Attention: two FLOP columns.** ``flops`` counts attention *full*, by torch's formula
+  (``4 * B * H * Tq * Tk * D`` for QK^T and PV, causal or not), so it compares with
+  FlopCounterMode and fvcore. ``flops_effective`` is the work a causal / sliding-window flash
+  kernel does, skipping the masked part: the Tq queries sit at absolute positions
+  ``Tk-Tq .. Tk-1`` (the query block is the last Tq of the Tk keys: prefill Tq = Tk, decode
+  Tq = 1, chunked prefill in between); query i attends ``min(pos_i + 1, W)`` keys when causal
+  with window W (W = infinity for full causal) and all Tk keys when not causal, so
+  ``flops_effective = flops * sum_i(keys_i) / (Tq * Tk)`` (:func:`attended_keys`). Causal
+  prefill is thus ``(T + 1) / (2 T)`` of the full count. On every row that is not one fused
+  attention call (:data:`ATTENTION_OPS`, the tracer's ``aten.scaled_dot_product_attention`` row
+  on meta) ``flops_effective == flops``; so is the CPU *math* path (explicit bmm rows), which
+  does compute the masked scores. Whether a call is causal, and its window, is read by the
+  tracer: (1) the call's ``is_causal=True``: causal, no window, with torch's alignment (query i
+  attends ``min(i + 1, Tk)`` keys; the same as above when Tq = Tk, which is the only case in
+  which transformers passes it); (2) an explicit mask tensor (what transformers passes; its
+  values do not exist on meta): the calling attention module's ``is_causal`` and
+  ``sliding_window`` attributes, or ``module.config.sliding_window`` for modules that pass the
+  window as an argument (Mistral, Phi-3), via
+  :func:`cohw_utils.spine.trace.module_causality`; **a module with no
+  ``is_causal`` attribute counts as not causal** (effective = counted); a mask whose query
+  dimension is 1 while Tq > 1 is one decode token with its query heads packed into the query
+  dimension (transformers' ``pack_gqa``), each row at position Tk - 1; (3) neither: the call
+  computes full attention and counts full. Masks that are neither causal nor a window
+  (padding, bidirectional image tokens, Llama-4 chunks) are taken as the module says; a static
+  cache handed to attention whole (Tk = its maximum length) counts every slot as a key; a real
+  kernel computes whole tiles on the diagonal, slightly more than this exact count. Softmax
+  inside a fused attention kernel is not counted separately.
 * **Element-wise ops** (every op torch tags ``pointwise``: add, mul, gelu, silu, exp, rsqrt,
   where, ...) cost **1 FLOP per output element**, whatever the function. A transcendental such
   as ``exp`` takes many instructions on real hardware; counting it as one keeps the count
@@ -27,8 +50,37 @@ Counting semantics
   *normalization* by the tracer, so the class shares follow Ivanov et al.
 * **Sorting and search** (class ``other``): sort/argsort n log2 n comparisons per row,
   topk/kthvalue n log2 k, searchsorted ceil(log2 n) per query; each comparison counts 1 FLOP.
-* **Data movement** (copy, clone, cat, stack, gather/index/embedding, scatter, pad) costs
-  0 FLOPs; gathers read only the rows they fetch (index bytes + output bytes).
+* **Data movement** (copy, clone, cat, stack, pad, gather, scatter) costs 0 FLOPs, except the
+  accumulating scatters (``scatter_add``, ``scatter_reduce``, ``index_add``,
+  ``index_put(accumulate=True)``, ``_unsafe_index_put(accumulate=True)``,
+  ``embedding_dense_backward``) and ``_embedding_bag``: **1 FLOP per source element** added.
+  Their bytes, with S = the trace's ``sector_bytes`` (default 32, NVIDIA's DRAM transaction
+  size; per chip ``Hardware.sector_bytes``, 64 for a CPU cache line):
+
+  - **Gathers** (``embedding``, ``index_select``, ``index``/``_unsafe_index`` of whole rows,
+    ``_embedding_bag``; ``gather``, ``take``, ``take_along_dim`` of single elements) fetch n
+    contiguous runs of r bytes (a row: the source's elements after the gathered dimension, as
+    far as they are contiguous in memory; one element for ``gather``) and **read
+    ``n * ceil(r / S) * S`` bytes plus the index bytes**, writing their output. No reuse is
+    assumed and there is no cap: every fetch pays its sectors even when indices repeat. So this
+    is exact for random access into a table much larger than the cache, and an upper bound when
+    indices repeat, the table stays in cache (a coarse hash-grid level) or neighbouring fetches
+    share a sector (sorted indices). Runs are taken to start on a sector boundary (a row whose
+    bytes are a multiple of S does; a misaligned run can touch one sector more). A hash-grid
+    lookup of 2 fp32 features (8 bytes) reads 32.
+  - **In-place scatters** (``index_copy_``, ``index_put_``, ``scatter_``, ``index_add_``,
+    ``scatter_add_``, ``index_fill_``; and ``copy_``/``fill_``/``zero_`` into a view of a larger
+    tensor) **write only the region they touch**, in sectors (n runs of r bytes, as for
+    gathers), and read the index and the source; the accumulating ones also read the region
+    (read-modify-write). The rest of the destination is not touched, so a static KV cache
+    written at one position (transformers 5.24 ``StaticCache.update``:
+    ``keys.index_copy_(2, cache_position, key_states)``) costs one token's K/V, exactly.
+  - **Out-of-place scatters** (``scatter``, ``scatter_add``, ``scatter_reduce``, ``index_add``,
+    ``index_copy``, ``index_fill``, ``index_put``, ``_unsafe_index_put``, ``slice_scatter``,
+    ``select_scatter``, ``as_strided_scatter``) return a new tensor: as eager runs them, they
+    **copy the destination** (read it, write the output) and then pay the in-place cost;
+    ``embedding_dense_backward`` writes its zero-filled output, then scatters into it.
+  - ``masked_select`` and ``nonzero`` scan their whole input (the default rule).
 * **Views** (view, reshape-as-view, transpose, permute, expand, slice, select, squeeze,
   detach, ...) cost 0 FLOPs and **0 bytes**: they change metadata only. Their class is
   ``view`` so summaries can drop them.
@@ -37,10 +89,20 @@ Counting semantics
   output. Class ``other``.
 * **Losses**: mse/l1/smooth-l1/binary cross-entropy and their backward 3 FLOPs per input
   element; nll_loss 1 per output element.
-* **Bytes** assume unfused, eager execution: every op reads each tensor input from main memory
-  and writes each output back. A tensor's bytes are its *distinct* elements times the element
-  size, so a broadcast (stride-0) input counts once. This is an upper bound on traffic: a
-  fusing compiler or a cache that holds the tensor moves less.
+* **Bytes** are DRAM traffic under unfused, eager execution with no reuse between ops: every op
+  reads each tensor input from main memory and writes each output back. A tensor's bytes are its
+  *distinct* elements times the element size, so a broadcast (stride-0) input counts once.
+  Where this is exact and where an upper bound:
+
+  - **exact**: views (0 bytes: metadata only); in-place writes of one region (only the region,
+    in sectors); gathers rounded to sectors, under no reuse; an op run alone on dense tensors
+    (its compulsory traffic: what an ideal kernel for that op moves).
+  - **an upper bound** across ops: a fusing compiler keeps intermediates on chip, and a cache
+    holds a tensor read twice (weights re-read by a second op, a table whose gathered rows
+    repeat); and for gathers/scatters whose indices repeat or hit in cache.
+  - **not counted**: traffic inside one kernel beyond its compulsory bytes (GEMM tiles re-read
+    when they do not fit on chip, K/V re-read per query block in flash attention), and the
+    partial sector at the end of a dense tensor.
 * **Arithmetic intensity** = FLOPs / (bytes read + bytes written), in FLOP per byte.
 
 An op that matches none of these rules is **uncosted**: the tracer records it with NaN costs
@@ -61,6 +123,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry as _TORCH_FLOP_REGISTRY
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
+from cohw_utils.hardware.specs import DEFAULT_SECTOR_BYTES
+
 aten = torch.ops.aten
 OpPacket = torch._ops.OpOverloadPacket
 
@@ -75,26 +139,32 @@ OP_CLASSES = (CONTRACTION, NORMALIZATION, ELEMENTWISE, DATA_MOVEMENT, VIEW, OTHE
 
 @dataclass(frozen=True)
 class OpCost:
-    """Cost of one executed op. ``flops``/``macs`` are NaN-free ints; bytes are ints."""
+    """Cost of one executed op: ints, never NaN. ``flops_effective`` None means "= flops"
+    (every op but a fused attention call, whose effective count the tracer sets)."""
 
     op_class: str
     flops: int
     macs: int
     bytes_read: int
     bytes_written: int
+    flops_effective: int | None = None
 
 
-# A rule maps (args, kwargs, out) to (op_class, flops, macs, bytes_read or None).
-# bytes_read None means "the default: distinct bytes of every tensor input".
-Rule = Callable[[tuple, dict, Any], tuple[str, int, int, "int | None"]]
+# A rule maps (args, kwargs, out) to (op_class, flops, macs, bytes_read or None[, bytes_written]).
+# bytes_read None means "the default: distinct bytes of every tensor input"; without a fifth
+# item, bytes_written is the distinct bytes of every output.
+Rule = Callable[..., tuple]
 _RULES: dict[OpPacket, Rule] = {}
 
 
 def register_cost(ops: OpPacket | list[OpPacket], rule: Rule) -> None:
     """Register (or replace) the cost rule for one or more aten op packets.
 
-    ``rule(args, kwargs, out)`` returns ``(op_class, flops, macs, bytes_read)``;
-    ``bytes_read=None`` keeps the default (distinct bytes of every tensor input).
+    ``rule(args, kwargs, out)`` returns ``(op_class, flops, macs, bytes_read)`` or
+    ``(op_class, flops, macs, bytes_read, bytes_written)``; ``bytes_read=None`` keeps the default
+    (distinct bytes of every tensor input), and without ``bytes_written`` it is the distinct
+    bytes of every output. A rule that needs the sector size is marked ``rule.sector_bytes =
+    True`` and is then called with ``sector_bytes=`` as well.
     """
     for op in ops if isinstance(ops, list) else [ops]:
         _RULES[op] = rule
@@ -157,18 +227,6 @@ def _free(op_class: str) -> Rule:
         return op_class, 0, 0, None
 
     return rule
-
-
-def _gather(args, kwargs, out):
-    # Reads only what it fetches: the index tensors plus as many bytes as it writes.
-    ts = tensors((args, kwargs))
-    index_bytes = sum(tensor_bytes(t) for t in ts if not t.is_floating_point() and not t.is_complex())
-    return DATA_MOVEMENT, 0, 0, index_bytes + sum(tensor_bytes(t) for t in tensors(out))
-
-
-def _copy_(args, kwargs, out):
-    # dst.copy_(src): reads src, writes dst.
-    return DATA_MOVEMENT, 0, 0, tensor_bytes(args[1]) if isinstance(args[1], torch.Tensor) else 0
 
 
 def _layer_norm(args, kwargs, out):
@@ -305,24 +363,18 @@ register_cost(_ops("_softmax_backward_data", "_log_softmax_backward_data"),
 
 register_cost(_ops("cumsum", "cumprod", "logcumsumexp"), _per_in_element(ELEMENTWISE, 1))
 # Element-wise ops torch does not tag pointwise.
-register_cost(_ops("floor_divide", "remainder", "fmod"), _per_out_element(ELEMENTWISE, 1))
+register_cost(_ops("floor_divide", "remainder", "fmod", "masked_fill", "masked_fill_", "polar"),
+              _per_out_element(ELEMENTWISE, 1))
 register_cost(_ops("histc", "bincount", "histogram"), _per_in_element(OTHER, 1))
 register_cost(_ops("searchsorted", "bucketize"), _searchsorted)
 for _name in _SORT_DIM_ARG:
     register_cost(_ops(_name), _sort_rule(_name))
 
-register_cost(_ops("embedding", "index_select", "gather", "index", "take", "take_along_dim",
-                   "_embedding_bag", "masked_select", "nonzero"), _gather)
-register_cost(_ops("copy_"), _copy_)
 register_cost(_ops("clone", "_to_copy", "contiguous", "cat", "stack", "constant_pad_nd",
                    "reflection_pad2d", "replicate_pad2d", "repeat", "repeat_interleave", "roll",
-                   "flip", "scatter", "scatter_add", "scatter_reduce", "index_put", "index_put_",
-                   "index_add", "index_copy", "index_fill", "masked_scatter", "slice_scatter",
-                   "select_scatter", "as_strided_scatter", "embedding_dense_backward",
-                   "tril", "triu", "upsample_nearest2d", "upsample_nearest2d_backward",
-                   "_unsafe_index", "_unsafe_index_put", "lift_fresh_copy",
-                   "split_with_sizes_copy", "unbind_copy", "narrow_copy", "fill_", "zero_",
-                   "resize_", "set_"),
+                   "flip", "masked_scatter", "masked_select", "nonzero", "tril", "triu",
+                   "upsample_nearest2d", "upsample_nearest2d_backward", "lift_fresh_copy",
+                   "split_with_sizes_copy", "unbind_copy", "narrow_copy", "resize_", "set_"),
               _free(DATA_MOVEMENT))
 # Bilinear/bicubic resampling does arithmetic per output element (4 or 16 taps): count the taps.
 register_cost(_ops("upsample_bilinear2d", "_upsample_bilinear2d_aa", "grid_sampler_2d",
@@ -367,6 +419,283 @@ register_cost(_ops("upsample_bilinear2d_backward", "_upsample_bilinear2d_aa_back
                    "grid_sampler_2d_backward", "grid_sampler_3d_backward"), _per_in_element(ELEMENTWISE, 8))
 
 
+# ---------------------------------------------------------------------------- gathers, scatters
+# Sector arithmetic is written by hand: no library states DRAM traffic of a gather from shapes.
+def sector_rounded_bytes(runs: int, run_bytes: int, sector_bytes: int) -> int:
+    """Bytes moved by ``runs`` separate contiguous runs of ``run_bytes`` each, when memory moves
+    in whole sectors of ``sector_bytes`` and each run starts on a sector boundary:
+    ``runs * ceil(run_bytes / sector_bytes) * sector_bytes``."""
+    if runs <= 0 or run_bytes <= 0:
+        return 0
+    return runs * -(-run_bytes // sector_bytes) * sector_bytes
+
+
+def _run_elems(shape: tuple, stride: tuple, start: int = 0) -> int:
+    """Elements in one contiguous run of a strided region: the longest dense suffix of its dims
+    from ``start`` on (size-1 dims are skipped; a non-unit last stride gives runs of 1)."""
+    run, expected = 1, 1
+    for size, st in zip(reversed(shape[start:]), reversed(stride[start:])):
+        if size == 1:
+            continue
+        if st != expected:
+            break
+        run *= size
+        expected *= size
+    return run
+
+
+def _sectors(elements: int, run: int, elt: int, sector_bytes: int) -> int:
+    """Sector-rounded bytes of ``elements`` touched in runs of ``run`` elements."""
+    return sector_rounded_bytes(-(-elements // max(run, 1)), max(run, 1) * elt, sector_bytes)
+
+
+def _dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def _index_tensors(indices: Any) -> list[torch.Tensor]:
+    return [t for t in (indices or []) if isinstance(t, torch.Tensor)]
+
+
+def _indexed_region(src: torch.Tensor, indices: list) -> tuple[int, int]:
+    """(elements, run elements) an advanced index ``src[indices]`` touches. A bool mask counts
+    as if every element were selected (an upper bound: its values are unknown on meta)."""
+    last, idx_shapes, covered = -1, [], set()
+    pos = 0
+    for t in indices:
+        if isinstance(t, torch.Tensor):
+            span = t.dim() if t.dtype == torch.bool else 1
+            covered.update(range(pos, pos + span))
+            idx_shapes.append(t.shape if t.dtype != torch.bool else (t.numel(),))
+            last = pos + span - 1
+            pos += span
+        else:
+            pos += 1
+    picked = math.prod(torch.broadcast_shapes(*idx_shapes)) if idx_shapes else 1
+    rest = math.prod(s for d, s in enumerate(src.shape) if d not in covered)
+    return picked * rest, _run_elems(tuple(src.shape), tuple(src.stride()), last + 1)
+
+
+def _gather_rule(table_arg: int, index_args: tuple[int, ...], rows: Callable | None) -> Rule:
+    """A gather from ``args[table_arg]``: runs of ``rows(args)`` elements (None: single elements)."""
+
+    def rule(args, kwargs, out, sector_bytes):
+        table = args[table_arg]
+        index = sum(tensor_bytes(t) for i in index_args if i < len(args) for t in tensors(args[i]))
+        fetched = tensors(out)[0].numel()
+        run = rows(args) if rows is not None else 1
+        return DATA_MOVEMENT, 0, 0, index + _sectors(fetched, run, table.element_size(), sector_bytes)
+
+    rule.sector_bytes = True
+    return rule
+
+
+def _after(t: torch.Tensor, dim: int) -> int:
+    return _run_elems(tuple(t.shape), tuple(t.stride()), _dim(dim, t.dim()) + 1)
+
+
+def _embedding_bag(args, kwargs, out, sector_bytes):
+    # _embedding_bag(weight, indices, offsets, ..., per_sample_weights, ...): fetch one row per
+    # index and add it into its bag: 1 FLOP per fetched element.
+    weight, indices = args[0], args[1]
+    run = _after(weight, 0)
+    others = sum(tensor_bytes(t) for t in tensors((args[1:], kwargs)))
+    fetched = indices.numel() * weight.numel() // max(weight.shape[0], 1)
+    return (DATA_MOVEMENT, fetched, 0,
+            others + _sectors(fetched, run, weight.element_size(), sector_bytes))
+
+
+_embedding_bag.sector_bytes = True
+
+
+def _scatter_cost(dst, out, region: int, run: int, source_bytes: int, accumulate: bool,
+                  sector_bytes: int) -> tuple:
+    """A write of ``region`` elements (runs of ``run``) into ``dst`` after reading
+    ``source_bytes`` (index + source); accumulating: 1 FLOP per element and the region read too
+    (read-modify-write). An out-of-place op first copies the destination (read it, write out)."""
+    touched = _sectors(region, run, dst.element_size(), sector_bytes)
+    read = source_bytes + (touched if accumulate else 0)
+    written = touched
+    if not any(t is dst for t in tensors(out)):  # out of place: a new tensor
+        read += tensor_bytes(dst)
+        written += sum(tensor_bytes(t) for t in tensors(out))
+    return DATA_MOVEMENT, region if accumulate else 0, 0, read, written
+
+
+def _scatter_rule(func_name: str) -> Rule:
+    # scatter(self, dim, index, src|value[, reduce]), scatter_add, scatter_reduce(..., reduce,
+    # include_self): element-wise writes at index positions; the source read is index-shaped.
+    def rule(args, kwargs, out, sector_bytes):
+        dst, index = args[0], args[2]
+        src = args[3] if len(args) > 3 and isinstance(args[3], torch.Tensor) else None
+        n = index.numel()
+        used = min(tensor_bytes(src), n * src.element_size()) if src is not None else 0
+        accumulate = func_name != "scatter" or "reduce" in kwargs
+        return _scatter_cost(dst, out, n, 1, tensor_bytes(index) + used, accumulate, sector_bytes)
+
+    rule.sector_bytes = True
+    return rule
+
+
+def _index_dim_rule(kind: str) -> Rule:
+    # index_add(self, dim, index, source, alpha) / index_copy(self, dim, index, source) /
+    # index_fill(self, dim, index, value): whole slices along ``dim`` at the indexed positions.
+    def rule(args, kwargs, out, sector_bytes):
+        dst, dim, index = args[0], args[1], args[2]
+        d = _dim(dim, dst.dim())
+        region = index.numel() * dst.numel() // max(dst.shape[d], 1) if dst.dim() else index.numel()
+        sources = sum(tensor_bytes(t) for t in tensors(args[2:]) if t is not dst)
+        return _scatter_cost(dst, out, region, _after(dst, d), sources, kind == "add", sector_bytes)
+
+    rule.sector_bytes = True
+    return rule
+
+
+def _index_put(args, kwargs, out, sector_bytes):
+    # index_put(self, indices, values, accumulate=False): the advanced-index region of self.
+    dst, indices, values = args[0], args[1], args[2]
+    accumulate = bool(args[3] if len(args) > 3 else kwargs.get("accumulate", False))
+    region, run = _indexed_region(dst, list(indices))
+    sources = sum(tensor_bytes(t) for t in _index_tensors(indices) + [values])
+    return _scatter_cost(dst, out, region, run, sources, accumulate, sector_bytes)
+
+
+_index_put.sector_bytes = True
+
+
+def _region_write(view: torch.Tensor, sector_bytes: int) -> int:
+    """Bytes written into ``view``: its own bytes when it is a whole tensor; its runs in sectors
+    when it is a part of a larger one (a slice of a cache)."""
+    whole = tensor_bytes(view)
+    try:
+        partial = view.untyped_storage().nbytes() > whole
+    except (RuntimeError, NotImplementedError):
+        partial = False
+    if not partial:
+        return whole
+    run = _run_elems(tuple(view.shape), tuple(view.stride()))
+    distinct = whole // max(view.element_size(), 1)
+    return _sectors(distinct, run, view.element_size(), sector_bytes)
+
+
+def _copy_(args, kwargs, out, sector_bytes):
+    # dst.copy_(src): reads src, writes dst (only its region when dst is a view of a larger tensor).
+    src = args[1] if isinstance(args[1], torch.Tensor) else None
+    return (DATA_MOVEMENT, 0, 0, tensor_bytes(src) if src is not None else 0,
+            _region_write(args[0], sector_bytes))
+
+
+def _fill_(args, kwargs, out, sector_bytes):
+    # fill_(self, value) / zero_(self): reads nothing but a tensor value, writes self's region.
+    value = sum(tensor_bytes(t) for t in tensors(args[1:]))
+    return DATA_MOVEMENT, 0, 0, value, _region_write(args[0], sector_bytes)
+
+
+_copy_.sector_bytes = _fill_.sector_bytes = True
+
+
+def _slice_like_scatter(kind: str) -> Rule:
+    # slice_scatter(self, src, dim, start, end, step) / select_scatter(self, src, dim, index) /
+    # as_strided_scatter(self, src, size, stride, offset): out-of-place: copy self, then write
+    # src's region of the output.
+    def rule(args, kwargs, out, sector_bytes):
+        dst, src = args[0], args[1]
+        o = tensors(out)[0]
+        stride = list(o.stride())
+        if kind == "slice":
+            d = _dim(args[2] if len(args) > 2 else kwargs.get("dim", 0), o.dim())
+            stride[d] *= args[5] if len(args) > 5 else kwargs.get("step", 1)
+        elif kind == "select":
+            del stride[_dim(args[2], o.dim())]
+        else:
+            stride = list(args[3])
+        run = _run_elems(tuple(src.shape), tuple(stride))
+        touched = _sectors(src.numel(), run, o.element_size(), sector_bytes)
+        return DATA_MOVEMENT, 0, 0, tensor_bytes(dst) + tensor_bytes(src), tensor_bytes(o) + touched
+
+    rule.sector_bytes = True
+    return rule
+
+
+def _embedding_dense_backward(args, kwargs, out, sector_bytes):
+    # (grad_output, indices, num_weights, padding_idx, scale_grad_by_freq): a zero-filled
+    # (num_weights, E) gradient, then one row added per index (read-modify-write).
+    grad, indices = args[0], args[1]
+    o = tensors(out)[0]
+    rows = _sectors(grad.numel(), o.shape[-1] if o.dim() else 1, o.element_size(), sector_bytes)
+    return (DATA_MOVEMENT, grad.numel(), 0, tensor_bytes(grad) + tensor_bytes(indices) + rows,
+            tensor_bytes(o) + rows)
+
+
+_embedding_dense_backward.sector_bytes = True
+
+register_cost(_ops("embedding"), _gather_rule(0, (1,), lambda a: _after(a[0], 0)))
+register_cost(_ops("index_select"), _gather_rule(0, (2,), lambda a: _after(a[0], a[1])))
+register_cost(_ops("index", "_unsafe_index"),
+              _gather_rule(0, (1,), lambda a: _indexed_region(a[0], list(a[1]))[1]))
+register_cost(_ops("gather"), _gather_rule(0, (2,), None))
+register_cost(_ops("take", "take_along_dim"), _gather_rule(0, (1,), None))
+register_cost(_ops("_embedding_bag", "_embedding_bag_forward_only"), _embedding_bag)
+register_cost(_ops("scatter", "scatter_"), _scatter_rule("scatter"))
+register_cost(_ops("scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_"),
+              _scatter_rule("scatter_add"))
+register_cost(_ops("index_add", "index_add_"), _index_dim_rule("add"))
+register_cost(_ops("index_copy", "index_copy_", "index_fill", "index_fill_"), _index_dim_rule("copy"))
+register_cost(_ops("index_put", "index_put_", "_index_put_impl_", "_unsafe_index_put"), _index_put)
+register_cost(_ops("copy_"), _copy_)
+register_cost(_ops("fill_", "zero_"), _fill_)
+register_cost(_ops("slice_scatter"), _slice_like_scatter("slice"))
+register_cost(_ops("select_scatter"), _slice_like_scatter("select"))
+register_cost(_ops("as_strided_scatter"), _slice_like_scatter("strided"))
+register_cost(_ops("embedding_dense_backward"), _embedding_dense_backward)
+
+
+# ---------------------------------------------------------------------------- attention, effective
+#: Fused attention ops (forward and backward) whose ``flops_effective`` the tracer sets from the
+#: call's causality; the tracer's own meta row is ``aten.scaled_dot_product_attention``.
+ATTENTION_OPS: frozenset[OpPacket] = frozenset(_ops(*(
+    f"_scaled_dot_product_{k}{b}" for k in ("flash_attention_for_cpu", "efficient_attention",
+                                            "flash_attention", "cudnn_attention",
+                                            "fused_attention_overrideable")
+    for b in ("", "_backward"))))
+
+
+def _sum_min(n: int, cap: int | None) -> int:
+    """sum_{p=1..n} min(p, cap)  (cap None: no cap)."""
+    if n <= 0:
+        return 0
+    if cap is None or n <= cap:
+        return n * (n + 1) // 2
+    return cap * (cap + 1) // 2 + (n - cap) * cap
+
+
+def attended_keys(tq: int, tk: int, causal: bool, window: int | None = None,
+                  aligned: str = "end") -> int:
+    """Sum over the ``tq`` queries of the keys each attends, out of ``tk`` keys.
+
+    Not causal: ``tq * tk``. Causal, ``aligned="end"`` (the counting semantics): the queries are
+    the last ``tq`` positions, ``tk-tq .. tk-1``, and query at position p attends
+    ``min(p + 1, window)`` keys (``window`` None: no window). ``aligned="start"``: torch's
+    ``is_causal`` for Tq != Tk, query i attends ``min(i + 1, tk)`` keys (no window).
+    """
+    if not causal:
+        return tq * tk
+    if aligned == "start":
+        return _sum_min(tq, tk)
+    if aligned != "end":
+        raise ValueError(f"attended_keys(aligned={aligned!r}): use 'end' or 'start'")
+    w = min(window, tk) if window else tk
+    return _sum_min(tk, w) - _sum_min(tk - tq, w)
+
+
+def effective_attention_flops(flops: int, tq: int, tk: int, keys: int) -> int:
+    """``flops * keys / (tq * tk)``: the counted attention FLOPs scaled to the keys attended
+    (exact in integers, as torch's formulas are multiples of ``tq * tk``)."""
+    if tq <= 0 or tk <= 0:
+        return flops
+    return flops * keys // (tq * tk)
+
+
 def _classify_by_tags(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> Rule | None:
     """Fallback rules from torch's own op tags, for ops without an explicit rule."""
     if func.is_view:
@@ -389,17 +718,20 @@ def rule_for(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -
     return rule
 
 
-def op_cost(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> OpCost | None:
-    """Cost of one executed op under the semantics above; None when no rule applies."""
+def op_cost(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any,
+            sector_bytes: int = DEFAULT_SECTOR_BYTES) -> OpCost | None:
+    """Cost of one executed op under the semantics above; None when no rule applies.
+    ``sector_bytes`` is the DRAM access granularity that gathers and scatters round up to."""
     rule = rule_for(func, args, kwargs, out)
     if rule is None:
         return None
-    op_class, flops, macs, bytes_read = rule(args, kwargs, out)
+    extra = {"sector_bytes": sector_bytes} if getattr(rule, "sector_bytes", False) else {}
+    op_class, flops, macs, bytes_read, *written = rule(args, kwargs, out, **extra)
     if op_class == VIEW:
         return OpCost(VIEW, 0, 0, 0, 0)
     if bytes_read is None:
         bytes_read = sum(tensor_bytes(t) for t in tensors((args, kwargs)))
-    bytes_written = sum(tensor_bytes(t) for t in tensors(out))
+    bytes_written = written[0] if written else sum(tensor_bytes(t) for t in tensors(out))
     return OpCost(op_class, int(flops), int(macs), int(bytes_read), int(bytes_written))
 
 

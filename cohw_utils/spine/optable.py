@@ -3,7 +3,10 @@
 Every function takes an op table from :func:`cohw_utils.spine.trace.trace` and returns numbers or
 a small DataFrame; none traces again. ``view`` rows (metadata-only ops) cost nothing and are
 left out of op counts. "Bytes moved" = bytes read + bytes written under the unfused-eager
-semantics of :mod:`cohw_utils.spine.costs`.
+semantics of :mod:`cohw_utils.spine.costs`. FLOPs come in two columns: ``flops`` (attention
+counted full, torch's convention) and ``flops_effective`` (causal / sliding-window attention as
+a flash kernel computes it; equal to ``flops`` on every other row); every summary here carries
+both, so a caller says which it shows.
 
 Used by every chapter that prints an op table's totals or breakdowns (1, 2, 4.3).
 """
@@ -13,7 +16,19 @@ import pandas as pd
 
 from cohw_utils.spine.costs import OP_CLASSES, VIEW
 
-_SUMS = ["flops", "macs", "bytes_read", "bytes_written"]
+_SUMS = ["flops", "flops_effective", "macs", "bytes_read", "bytes_written"]
+
+
+def effective_flops(table: pd.DataFrame) -> pd.Series:
+    """Each row's ``flops_effective``; a table without that column, or a costed row left empty
+    there (a hand-built table), falls back to its ``flops`` (NaN stays NaN where uncosted)."""
+    if "flops_effective" not in table.columns:
+        return table["flops"]
+    return table["flops_effective"].fillna(table["flops"])
+
+
+def _with_effective(table: pd.DataFrame) -> pd.DataFrame:
+    return table.assign(flops_effective=effective_flops(table))
 
 
 def bytes_moved(table: pd.DataFrame) -> pd.Series:
@@ -28,38 +43,45 @@ def with_bytes_moved(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def totals(table: pd.DataFrame) -> dict[str, float]:
-    """Whole-table totals: FLOPs, MACs, bytes read/written/moved, intensity, op counts.
+    """Whole-table totals: FLOPs (``flops`` as counted and ``flops_effective``), MACs, bytes
+    read/written/moved, intensity (of ``flops``), contraction FLOPs both ways, op counts.
 
     ``uncosted_ops`` counts executed ops with no cost rule (their costs are excluded from the
     sums, and listed by name in ``table.attrs['uncosted']``).
     """
-    costed = table[table["costed"]]
+    costed = _with_effective(table[table["costed"]])
     out = {k: int(costed[k].sum()) for k in _SUMS}
     out["bytes_moved"] = out["bytes_read"] + out["bytes_written"]
     out["intensity"] = out["flops"] / out["bytes_moved"] if out["bytes_moved"] else float("nan")
-    out["contraction_flops"] = int(costed.loc[costed["op_class"] == "contraction", "flops"].sum())
+    contraction = costed["op_class"] == "contraction"
+    out["contraction_flops"] = int(costed.loc[contraction, "flops"].sum())
+    out["contraction_flops_effective"] = int(costed.loc[contraction, "flops_effective"].sum())
     out["ops"] = int((table["op_class"] != VIEW).sum())
     out["uncosted_ops"] = int((~table["costed"]).sum())
     return out
 
 
 def by_class(table: pd.DataFrame) -> pd.DataFrame:
-    """Per operator class: op count, FLOPs, bytes moved, and each as a % of the total."""
-    t = table[table["costed"]].pipe(with_bytes_moved)
+    """Per operator class: op count, FLOPs (both columns), bytes moved, and each as a % of the
+    total."""
+    t = _with_effective(table[table["costed"]]).pipe(with_bytes_moved)
     g = t.groupby("op_class").agg(ops=("op", "size"), flops=("flops", "sum"),
+                                  flops_effective=("flops_effective", "sum"),
                                   macs=("macs", "sum"), bytes_moved=("bytes_moved", "sum"))
     g = g.reindex([c for c in OP_CLASSES if c in g.index])
-    for col in ("flops", "bytes_moved"):
+    for col in ("flops", "flops_effective", "bytes_moved"):
         total = g[col].sum()
         g[f"{col}_%"] = 100.0 * g[col] / total if total else 0.0
     return g
 
 
 def by_op(table: pd.DataFrame) -> pd.DataFrame:
-    """Unique aten ops with call counts, FLOPs and bytes, largest FLOPs first (views dropped)."""
-    t = table[table["op_class"] != VIEW].pipe(with_bytes_moved)
+    """Unique aten ops with call counts, FLOPs (both columns) and bytes, largest FLOPs first
+    (views dropped)."""
+    t = _with_effective(table[table["op_class"] != VIEW]).pipe(with_bytes_moved)
     g = t.groupby(["op", "op_class"], dropna=False).agg(
-        calls=("op", "size"), flops=("flops", "sum"), bytes_moved=("bytes_moved", "sum"))
+        calls=("op", "size"), flops=("flops", "sum"), flops_effective=("flops_effective", "sum"),
+        bytes_moved=("bytes_moved", "sum"))
     return g.sort_values(["flops", "bytes_moved"], ascending=False).reset_index()
 
 
@@ -71,10 +93,12 @@ def module_prefix(module: str, depth: int | None) -> str:
 
 
 def by_module(table: pd.DataFrame, depth: int | None = None) -> pd.DataFrame:
-    """Costs summed per module path (truncated to ``depth`` components), with intensity."""
-    t = table[table["costed"]]
+    """Costs summed per module path (truncated to ``depth`` components), with intensity (of
+    ``flops``) and both FLOP columns."""
+    t = _with_effective(table[table["costed"]])
     key = t["module"].map(lambda m: module_prefix(m, depth))
     g = t.groupby(key).agg(ops=("op", "size"), flops=("flops", "sum"),
+                           flops_effective=("flops_effective", "sum"),
                            bytes_read=("bytes_read", "sum"), bytes_written=("bytes_written", "sum"))
     g["bytes_moved"] = bytes_moved(g)
     g["intensity"] = g["flops"] / g["bytes_moved"].where(g["bytes_moved"] > 0)
@@ -82,7 +106,8 @@ def by_module(table: pd.DataFrame, depth: int | None = None) -> pd.DataFrame:
 
 
 def hotspots(table: pd.DataFrame, by: str = "flops", n: int = 5, depth: int | None = None) -> pd.DataFrame:
-    """The ``n`` modules with the largest ``by`` (``flops`` or ``bytes_moved``)."""
-    if by not in ("flops", "bytes_moved"):
-        raise ValueError(f"hotspots(by={by!r}): use 'flops' or 'bytes_moved'")
+    """The ``n`` modules with the largest ``by`` (``flops``, ``flops_effective`` or
+    ``bytes_moved``)."""
+    if by not in ("flops", "flops_effective", "bytes_moved"):
+        raise ValueError(f"hotspots(by={by!r}): use 'flops', 'flops_effective' or 'bytes_moved'")
     return by_module(table, depth).nlargest(n, by)

@@ -18,10 +18,12 @@ Columns
 ``input_shapes``   tuple of shapes of the tensor inputs; ``output_shapes`` likewise
 ``dtype``          dtype of the first tensor input (the compute dtype), e.g. ``bfloat16``
 ``flops``, ``macs``, ``bytes_read``, ``bytes_written``  see :mod:`cohw_utils.spine.costs`
+``flops_effective`` ``flops`` everywhere except fused attention rows, where it is the work a
+                   causal / sliding-window flash kernel does (see :mod:`cohw_utils.spine.costs`)
 ``intensity``      flops / (bytes_read + bytes_written), NaN where no bytes move
 ``costed``         False where no cost rule applied (costs are then NaN, never zero)
 
-The counting semantics live in :mod:`cohw_utils.spine.costs`. Two tracer-level choices:
+The counting semantics live in :mod:`cohw_utils.spine.costs`. Tracer-level choices:
 
 * **Module attribution** uses torch's ``ModuleTracker`` (forward hooks, and multi-grad hooks
   for backward), so backward ops are attributed to the module whose forward created them;
@@ -34,6 +36,11 @@ The counting semantics live in :mod:`cohw_utils.spine.costs`. Two tracer-level c
   mask) once and writing the output once, with torch's attention FLOP formula. Pass
   ``fused_attention=False`` to see the math path. When autograd needs the attention graph
   (inputs require grad), the math path always runs.
+* **Causality of attention** (for ``flops_effective``): from the call's ``is_causal=True``, or,
+  when the call carries a mask tensor, from the innermost module's ``is_causal`` and sliding
+  window (:func:`module_causality`): the tracer maps the module path back to the module.
+* **Sectors**: ``sector_bytes`` (default 32, NVIDIA's DRAM transaction; pass
+  ``hw.sector_bytes`` for a chip) is the granularity gathers and scattered writes round up to.
 
 Used by every chapter: the counting semantics it applies are stated in :mod:`cohw_utils.spine.costs`.
 """
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import replace
 from typing import Any, Callable
 
 import pandas as pd
@@ -52,14 +60,15 @@ from torch.utils.flop_counter import sdpa_flop_count
 from torch.utils.module_tracker import ModuleTracker
 
 from cohw_utils.spine import costs
-from cohw_utils.core.errors import UncostedOpError
+from cohw_utils.core.errors import ConfigError, UncostedOpError
 
 COLUMNS = [
     "op", "module", "module_class", "phase", "pass", "op_class", "input_shapes",
-    "output_shapes", "dtype", "flops", "macs", "bytes_read", "bytes_written", "intensity",
-    "costed",
+    "output_shapes", "dtype", "flops", "flops_effective", "macs", "bytes_read", "bytes_written",
+    "intensity", "costed",
 ]
 _SDPA_ROW_OP = "aten.scaled_dot_product_attention"
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 # Metadata queries that are not computation (FlopCounterMode skips the same set).
 _SKIP = {
@@ -97,6 +106,7 @@ class PathTracker(ModuleTracker):
     def __init__(self, root: torch.nn.Module | None):
         super().__init__()
         self.paths: dict[torch.nn.Module, str] = {}
+        self.objects: dict[str, torch.nn.Module] = {}  # path -> module, for its attributes
         self.classes: dict[str, str] = {}
         self._all: dict[torch.nn.Module, list[str]] = {}
         if root is not None:
@@ -104,6 +114,7 @@ class PathTracker(ModuleTracker):
                 path = name or "<root>"
                 self.paths.setdefault(mod, path)
                 self._all.setdefault(mod, []).append(path)
+                self.objects.setdefault(path, mod)
                 self.classes.setdefault(path, type(mod).__name__)
         self._override: dict[torch.nn.Module, str] = {}
         self._stack: dict[torch.nn.Module, list[str]] = {}
@@ -118,6 +129,7 @@ class PathTracker(ModuleTracker):
         if name is None:
             name = super()._get_mod_name(mod)
             self.classes.setdefault(name, type(mod).__name__)
+            self.objects.setdefault(name, mod)
         return name
 
     def _get_mod_name(self, mod):  # ModuleTracker asks this for the name of the running module
@@ -193,14 +205,44 @@ class PathTracker(ModuleTracker):
         return fn
 
     def innermost(self) -> str:
-        """The module running now (its forward, or its backward)."""
+        """The module running now (its forward, or its backward); counts one op."""
+        if self.is_bw:
+            self._ops += 1
+        return self.running()
+
+    def running(self) -> str:
+        """The module running now, without counting an op (see :meth:`innermost`)."""
         live = [n for n in self.parents if n != "Global"]
         if not live:
             return "<global>"
         if not self.is_bw:
             return max(live, key=lambda n: self._entered.get(n, -1))
-        self._ops += 1
         return max(live, key=lambda n: (self._bw_started.get(n, -1), 0 if n == "<root>" else n.count(".") + 1))
+
+
+def attention_call(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> tuple:
+    """``(query, key, is_causal, mask)`` of one fused attention call, read by argument name
+    from the op's schema (``mask`` is ``attn_mask`` or ``attn_bias``, None when absent)."""
+    bound = dict(zip((a.name for a in func._schema.arguments), args))
+    bound.update(kwargs)
+    mask = bound.get("attn_mask", bound.get("attn_bias"))
+    return (bound["query"], bound["key"], bool(bound.get("is_causal", False)),
+            mask if isinstance(mask, torch.Tensor) else None)
+
+
+def module_causality(module: Any) -> tuple[bool, int | None]:
+    """``(causal, window)`` an attention module declares: its ``is_causal`` attribute (absent:
+    not causal) and, when causal, its ``sliding_window`` attribute, else its
+    ``config.sliding_window`` (Mistral and Phi-3 pass the window to attention as an argument);
+    a window that is not a positive int means none."""
+    if module is None or not bool(getattr(module, "is_causal", False)):
+        return False, None
+    if hasattr(module, "sliding_window"):
+        window = module.sliding_window
+    else:
+        window = getattr(getattr(module, "config", None), "sliding_window", None)
+    ok = isinstance(window, int) and not isinstance(window, bool) and window > 0
+    return True, window if ok else None
 
 
 def _shape_tuple(tree: Any) -> tuple:
@@ -215,9 +257,11 @@ def _dtype_name(args: tuple, kwargs: dict, out: Any) -> str:
 class _Recorder(TorchDispatchMode):
     """Dispatch mode that executes each op and appends one row per op to ``rows``."""
 
-    def __init__(self, tracker: PathTracker, phase: str, strict: bool):
+    def __init__(self, tracker: PathTracker, phase: str, strict: bool,
+                 sector_bytes: int = costs.DEFAULT_SECTOR_BYTES):
         super().__init__()
         self.tracker, self.phase, self.strict = tracker, phase, strict
+        self.sector_bytes = sector_bytes
         self.rows: list[tuple] = []
         self.uncosted: Counter[str] = Counter()
         self.paused = False  # set while the tracer itself creates tensors
@@ -230,9 +274,11 @@ class _Recorder(TorchDispatchMode):
         if cost is None:
             self.uncosted[op] += 1
             op_class, flops, macs, br, bw, costed = costs.OTHER, math.nan, math.nan, math.nan, math.nan, False
+            effective = math.nan
         else:
             op_class, flops, macs, br, bw, costed = (cost.op_class, cost.flops, cost.macs,
                                                      cost.bytes_read, cost.bytes_written, True)
+            effective = cost.flops if cost.flops_effective is None else cost.flops_effective
             # Element-wise/reduction ops inside a norm module (RMSNorm written as pow/mean/
             # rsqrt/mul) are normalization work: class them so, as Ivanov et al. do.
             if op_class == costs.ELEMENTWISE and "norm" in module_class.lower():
@@ -241,7 +287,29 @@ class _Recorder(TorchDispatchMode):
         intensity = flops / moved if costed and moved else math.nan
         self.rows.append((op, module, module_class, self.phase, npass, op_class,
                           _shape_tuple((args, kwargs)), _shape_tuple(out),
-                          _dtype_name(args, kwargs, out), flops, macs, br, bw, intensity, costed))
+                          _dtype_name(args, kwargs, out), flops, effective, macs, br, bw, intensity,
+                          costed))
+
+    def effective(self, flops: int, q: torch.Tensor, k: torch.Tensor, is_causal: bool,
+                  mask: torch.Tensor | None) -> int:
+        """Attention FLOPs a causal / sliding-window flash kernel does (costs' semantics)."""
+        tq, tk = (q.shape[-2], k.shape[-2]) if q.dim() >= 2 and k.dim() >= 2 else (1, 1)
+        if is_causal:  # torch's is_causal: causal, aligned at the first key
+            keys = costs.attended_keys(tq, tk, True, aligned="start")
+            return costs.effective_attention_flops(flops, tq, tk, keys)
+        if mask is None:  # no mask, no flag: the call computes full attention
+            return flops
+        module = self.tracker.objects.get(self.tracker.running())
+        causal, window = module_causality(module)
+        if not causal:
+            return flops
+        if mask.dim() >= 2 and mask.shape[-2] == 1 < tq:
+            # one decode token, its query heads packed into the query dim (pack_gqa): every row
+            # is the query at position tk - 1
+            keys = tq * costs.attended_keys(1, tk, True, window)
+        else:
+            keys = costs.attended_keys(tq, tk, True, window)
+        return costs.effective_attention_flops(flops, tq, tk, keys)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -263,7 +331,11 @@ class _Recorder(TorchDispatchMode):
         cost = None
         if rule is not None:
             try:
-                cost = costs.op_cost(func, args, kwargs, out)
+                cost = costs.op_cost(func, args, kwargs, out, sector_bytes=self.sector_bytes)
+                if func._overloadpacket in costs.ATTENTION_OPS and cost is not None:
+                    q, k, causal, mask = attention_call(func, args, kwargs)
+                    effective = self.effective(cost.flops, q, k, causal, mask)
+                    cost = replace(cost, flops_effective=effective)
             except Exception as err:  # a rule that cannot cost this call: uncosted, with the reason
                 reason = f"cost rule failed ({type(err).__name__}: {err})"
                 if self.strict:
@@ -283,10 +355,14 @@ class _FusedAttentionOnMeta(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            q, k, v = args[:3]
+            # Callers pass Q, K, V by position (transformers) or by name (diffusers' Flux
+            # processors: query=, key=, value=): bind them to the signature's names first.
+            bound = dict(zip(_SDPA_ARGS, args))
+            bound.update(kwargs)
+            q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
             needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
             if q.device.type == "meta" and not needs_graph:
-                return self._fused(q, k, v, args, kwargs)
+                return self._fused(q, k, v, (q, k, v), bound)
         return func(*args, **kwargs)
 
     def _fused(self, q, k, v, args, kwargs):
@@ -301,16 +377,21 @@ class _FusedAttentionOnMeta(TorchFunctionMode):
         k_full = (*k.shape[:-3], heads, *k.shape[-2:]) if k.dim() >= 3 else tuple(k.shape)
         v_full = (*v.shape[:-3], heads, *v.shape[-2:]) if v.dim() >= 3 else tuple(v.shape)
         flops = int(sdpa_flop_count(tuple(q.shape), k_full, v_full))
-        ins = [q, k, v] + [t for t in costs.tensors(kwargs)]
+        ins = [q, k, v] + [t for t in costs.tensors((args[3:], kwargs))]
+        # F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, ...)
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        is_causal = bool(kwargs.get("is_causal", args[5] if len(args) > 5 else False))
+        mask = mask if isinstance(mask, torch.Tensor) else None
         cost = costs.OpCost(costs.CONTRACTION, flops, flops // 2,
-                            sum(costs.tensor_bytes(t) for t in ins), costs.tensor_bytes(out))
+                            sum(costs.tensor_bytes(t) for t in ins), costs.tensor_bytes(out),
+                            self.recorder.effective(flops, q, k, is_causal, mask))
         self.recorder.record(_SDPA_ROW_OP, cost, (q, k, v), kwargs, out)
         return out
 
 
 def trace(fn: Callable[..., Any], *args: Any, model: torch.nn.Module | None = None,
           phase: str = "forward", strict: bool = False, fused_attention: bool = True,
-          **kwargs: Any) -> pd.DataFrame:
+          sector_bytes: int = costs.DEFAULT_SECTOR_BYTES, **kwargs: Any) -> pd.DataFrame:
     """Run ``fn(*args, **kwargs)`` and return its op table (see the module docstring).
 
     ``model`` is the root module whose ``named_modules()`` paths name the ``module`` column
@@ -318,9 +399,14 @@ def trace(fn: Callable[..., Any], *args: Any, model: torch.nn.Module | None = No
     raises :class:`~cohw_utils.core.errors.UncostedOpError` at the first op with no cost rule;
     otherwise such ops are recorded with NaN costs and listed in ``table.attrs['uncosted']``
     (with the reason in ``table.attrs['rule_errors']`` when a rule exists but failed).
+    ``sector_bytes`` (default 32; ``hw.sector_bytes`` for a chip) is the DRAM access granularity
+    gathers and scatters are rounded up to; it is kept in ``table.attrs['sector_bytes']``.
     """
+    if isinstance(sector_bytes, bool) or not isinstance(sector_bytes, int) or sector_bytes <= 0:
+        raise ConfigError(f"trace(sector_bytes={sector_bytes!r}): must be a positive whole number of "
+                          "bytes, e.g. 32 (NVIDIA GPUs) or 64 (a CPU cache line); pass hw.sector_bytes")
     tracker = PathTracker(model)
-    recorder = _Recorder(tracker, phase, strict)
+    recorder = _Recorder(tracker, phase, strict, sector_bytes)
     attention = _FusedAttentionOnMeta(recorder) if fused_attention else None
     with tracker:
         if attention is not None:
@@ -333,6 +419,7 @@ def trace(fn: Callable[..., Any], *args: Any, model: torch.nn.Module | None = No
     table.attrs["phase"] = phase
     table.attrs["uncosted"] = dict(recorder.uncosted)
     table.attrs["rule_errors"] = dict(recorder.rule_errors)
+    table.attrs["sector_bytes"] = sector_bytes
     return table
 
 
@@ -344,4 +431,7 @@ def concat(tables: list[pd.DataFrame]) -> pd.DataFrame:
         merged.update(t.attrs.get("uncosted", {}))
     out.attrs = {"phase": "+".join(t.attrs.get("phase", "?") for t in tables),
                  "uncosted": dict(merged)}
+    sectors = {t.attrs.get("sector_bytes") for t in tables}
+    if len(sectors) == 1 and None not in sectors:  # kept only where every table agrees
+        out.attrs["sector_bytes"] = sectors.pop()
     return out
