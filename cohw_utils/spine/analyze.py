@@ -1,9 +1,18 @@
 """Analyse one workload phase: build it, trace it, and total what it costs.
 
-:func:`analyze` is what ``python -m cohw_utils analyze`` prints and what Chapter 1 tabulates.
+:func:`analyze` is what ``python -m cohw_utils analyze`` prints and what Chapters 1 and 2 tabulate.
 Parameters are counted once per unique tensor (tied embeddings count once). Weight bytes =
-parameters x bytes of the build dtype. ``kv_bytes_per_token`` is the KV cache one token adds,
-for decoder LMs, at the build dtype (see :func:`cohw_utils.workloads.kv_cache_bytes_per_token`).
+parameters x bytes of the build dtype. ``active_parameters``: those one token uses (a
+mixture-of-experts model's k of E routed experts, :mod:`cohw_utils.workloads.moe`; = parameters
+for a dense model).
+
+The cache is measured, not assumed: when the traced phase returns a cache (a prefill, a decode
+step), ``Analysis.cache`` is the :class:`~cohw_utils.workloads.caches.CacheReport` of that very
+cache object (per layer type: full attention, sliding window, recurrent state, cross attention;
+framework and serving bytes). ``kv_bytes_per_token`` is the number the analyses use: the report's
+serving bytes per token (sliding layers counted until their window fills; MLA: the latent; 0 for
+a pure state-space model, whose state is in ``cache``), or, for a decoder LM whose phase returned
+no cache, :func:`cohw_utils.workloads.kv_cache_bytes_per_token` of its config; None otherwise.
 """
 from __future__ import annotations
 
@@ -19,6 +28,8 @@ from cohw_utils.core.params import count_parameters  # noqa: F401  (re-exported)
 from cohw_utils.core.dtypes import bytes_per_element, dtype_name, parse_dtype
 from cohw_utils.core.errors import CohwError
 from cohw_utils.spine.trace import trace
+from cohw_utils.workloads.moe import moe_parameters
+from cohw_utils.workloads.caches import CacheReport, cache_report
 
 
 @dataclass
@@ -38,6 +49,9 @@ class Analysis:
     units: int
     unit_name: str
     table: pd.DataFrame = field(repr=False)
+    cache: CacheReport | None = field(default=None, repr=False)
+    active_parameters: int | None = None
+    family: str | None = None
 
     def totals(self) -> dict[str, Any]:
         """Flat dict of everything the CLI prints (JSON-serialisable)."""
@@ -45,8 +59,12 @@ class Analysis:
         out: dict[str, Any] = {
             "workload": self.workload, "phase": self.phase, "scale": self.scale,
             "device": self.device, "dtype": self.dtype, "batch": self.batch,
-            "seq_len": self.seq_len, "parameters": self.parameters,
+            "seq_len": self.seq_len, "family": self.family, "parameters": self.parameters,
+            "active_parameters": self.active_parameters,
             "weight_bytes": self.weight_bytes, "kv_cache_bytes_per_token": self.kv_bytes_per_token,
+            "kv_cache_bytes_at_context": (self.cache.summary()["serving_bytes_at_context"]
+                                          if self.cache is not None else None),
+            "cache": self.cache.summary() if self.cache is not None else None,
             "units": self.units, "unit": self.unit_name, **t,
             "flops_per_unit": t["flops"] / self.units if self.units else None,
             "uncosted": dict(self.table.attrs.get("uncosted", {})),
@@ -61,10 +79,20 @@ class Analysis:
 
 
 def _kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int | None:
-    """KV-cache bytes per token for decoder-LM configs, else None."""
+    """KV-cache bytes per token of a decoder-LM config (the closed form), else None."""
     try:
         return workloads.kv_cache_bytes_per_token(config, int(bytes_per_element(dtype)))
     except (AttributeError, TypeError, CohwError):
+        return None
+
+
+def _measured_cache(built: Any, phase: str, out: Any, kwargs: dict) -> CacheReport | None:
+    """The report of the cache the traced phase returned; None when it returned none."""
+    ids = kwargs.get("input_ids")
+    hint = int(ids.shape[-1]) if isinstance(ids, torch.Tensor) and phase == "prefill" else None
+    try:
+        return cache_report(built, phase, out, hint)
+    except CohwError:  # no cache in the output (a vision forward, a denoising step...)
         return None
 
 
@@ -87,15 +115,27 @@ def analyze(workload: str, phase: str | None = None, *, batch: int = 1, seq_len:
                             batch=batch, seq_len=seq_len, **build_kw)
     ph = built.phase(phase or wl.phases[0])
     args, kwargs = ph.make_inputs()
+    returned: dict[str, Any] = {}
+
+    def run(*a: Any, **kw: Any) -> Any:  # keeps the phase's output: its cache is measured below
+        returned["out"] = ph.run(*a, **kw)
+        return returned["out"]
+
     if ph.backward:
-        table = trace(ph.run, *args, model=built.model, phase=ph.name, strict=strict, **kwargs)
+        table = trace(run, *args, model=built.model, phase=ph.name, strict=strict, **kwargs)
     else:
         with torch.no_grad():
-            table = trace(ph.run, *args, model=built.model, phase=ph.name, strict=strict, **kwargs)
+            table = trace(run, *args, model=built.model, phase=ph.name, strict=strict, **kwargs)
+    cache = _measured_cache(built, ph.name, returned.get("out"), kwargs)
+    if cache is not None:
+        kv = cache.kv_bytes_per_token
+    else:
+        kv = _kv_bytes_per_token(built.config, torch_dtype) if wl.domain == "llm" else None
     params = count_parameters(built.model)
+    active = moe_parameters(built.model, built.config).active if isinstance(built.model, torch.nn.Module) else params
     return Analysis(
         workload=wl.name, phase=ph.name, scale=scale, device=str(built.device),
         dtype=dtype_name(torch_dtype), batch=batch, seq_len=seq_len, parameters=params,
         weight_bytes=int(sum(p.numel() * p.element_size() for p in built.model.parameters())),
-        kv_bytes_per_token=_kv_bytes_per_token(built.config, torch_dtype),
-        units=ph.units, unit_name=ph.unit_name, table=table)
+        kv_bytes_per_token=kv, units=ph.units, unit_name=ph.unit_name, table=table, cache=cache,
+        active_parameters=active, family=wl.domain)

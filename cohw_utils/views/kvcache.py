@@ -2,18 +2,26 @@
 
 Units: bytes (1 GB = 1e9 bytes, as ``data/hardware.csv``), tokens, sequences.
 
-* **KV bytes per token** = ``2 (K and V) x layers x kv_heads x head_dim x bytes per element``
-  (:func:`cohw_utils.workloads.kv_cache_bytes_per_token`): ``kv_heads`` is the attention-head
-  count for multi-head attention (MHA), ``num_key_value_heads`` for grouped-query attention
-  (GQA), 1 for multi-query attention (MQA). Any dtype of :mod:`cohw_utils.core.dtypes` may be given
-  (``fp16`` 2 bytes, ``fp8``/``int8`` 1, ``int4`` 0.5; per-group scales of quantized caches are
-  not included).
-* **KV bytes** of ``batch`` sequences of ``seq_len`` tokens = per token x seq_len x batch: the
-  contiguous cache Hugging Face's ``DynamicCache`` holds. A paged cache (vLLM) allocates in
-  blocks of ``block_size`` tokens, so a sequence takes ``ceil(seq_len / block_size)`` blocks.
-* :func:`measure_cache` builds the real model (tiny on CPU, or full scale on ``meta``), runs a
-  prefill with ``use_cache=True`` and sums the bytes of the cache tensors it returns, so the
-  formula is checked against what transformers actually allocates.
+* **KV bytes per token** (:func:`kv_bytes_per_token`, from
+  :func:`cohw_utils.workloads.kv_cache_bytes_per_token`) = ``2 (K and V) x attention layers x
+  kv_heads x head_dim x bytes per element``: ``kv_heads`` is the attention-head count for
+  multi-head attention (MHA), ``num_key_value_heads`` for grouped-query attention (GQA), 1 for
+  multi-query attention (MQA). For multi-head latent attention (MLA: DeepSeek-V2/V3) it is the
+  compressed latent serving engines store, ``(kv_lora_rank + qk_rope_head_dim) x layers x bytes``
+  (the serving number, which the memory and capacity views here use; see
+  :mod:`cohw_utils.workloads.caches`). A hybrid (Jamba) counts its attention layers only; a pure
+  state-space model (Mamba) raises, since its state does not grow per token. Any dtype of
+  :mod:`cohw_utils.core.dtypes` may be given (``fp16`` 2 bytes, ``fp8``/``int8`` 1, ``int4`` 0.5;
+  per-group scales of quantized caches are not included).
+* **KV bytes** of ``batch`` sequences of ``seq_len`` tokens (:func:`kv_cache_bytes`) = per layer,
+  bytes per token x ``seq_len``, except that a sliding-window layer (Gemma-2/3, Mistral v0.1,
+  gpt-oss; read from the config as transformers' cache reads it) holds at most its window W, so
+  beyond W the cache grows only by the full-attention layers. A paged cache (vLLM) allocates in
+  blocks of ``block_size`` tokens, so a layer takes ``ceil(tokens / block_size)`` blocks.
+* :func:`measure_cache` (:func:`cohw_utils.workloads.caches.measure_cache`, re-exported) builds the
+  real model (tiny on CPU, or full scale on ``meta``), runs a prefill with ``use_cache=True`` and
+  reads the cache object it returns, layer by layer, so the formula is checked against what
+  transformers actually allocates (``formula_bytes`` / ``measured_bytes`` / ``agrees``).
 * How much of a chip's memory the cache may use is :mod:`cohw_utils.views.memory_budget`'s one
   rule (:func:`~cohw_utils.views.memory_budget.memory_layout`, re-exported here).
 
@@ -24,7 +32,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,8 @@ from cohw_utils.core.dtypes import bytes_per_element, dtype_name
 from cohw_utils.core.errors import CohwError
 from cohw_utils.core.params import parameter_bytes
 from cohw_utils.views.memory_budget import MemoryLayout, memory_layout  # noqa: F401  (re-export)
+from cohw_utils.workloads.caches import CacheReport, measure_cache  # noqa: F401  (re-export)
+from cohw_utils.workloads.hf_config import HYBRID_LAYER_TYPES, KV_LAYER_TYPES, cache_layer_types, mla_geometry
 
 GB = 1e9
 
@@ -66,9 +75,18 @@ def decoder_config(config: Any) -> Any:
 
 
 def attention_summary(config: Any) -> dict[str, Any]:
-    """Layers, attention heads, KV heads, head_dim and the attention kind (MHA/GQA/MQA) of a
-    decoder named as :func:`decoder_config` accepts, as a dict (the row :func:`geometry_table` shows)."""
+    """Layers, attention heads, KV heads, head_dim and the attention kind (MHA/GQA/MQA/MLA) of a
+    decoder named as :func:`decoder_config` accepts, as a dict (the row :func:`geometry_table` shows).
+
+    MLA caches one latent per token and layer, shared by every head: ``kv_heads`` 1 and
+    ``head_dim`` ``kv_lora_rank + qk_rope_head_dim`` (no separate V), as transformers' cache
+    holds it. A state-space config (no attention) raises :class:`ConfigError`."""
     cfg = decoder_config(config)
+    mla = mla_geometry(cfg)
+    if mla is not None:
+        layers = sum(t in KV_LAYER_TYPES for t, _ in cache_layer_types(cfg))
+        return {"layers": layers, "heads": mla["heads"], "kv_heads": 1,
+                "head_dim": mla["kv_lora_rank"] + mla["qk_rope_head_dim"], "kind": "MLA"}
     # the config-field rules (n_head / num_kv_heads / multi_query ...) have one home:
     # workloads.attention_geometry; reuse it rather than restating them.
     layers, heads, kv, head_dim = workloads.attention_geometry(cfg)
@@ -77,7 +95,8 @@ def attention_summary(config: Any) -> dict[str, Any]:
 
 
 def kv_bytes_per_token(config: Any, dtype: str | torch.dtype = "fp16") -> float:
-    """KV-cache bytes one token adds, at ``dtype`` (an int for byte-sized dtypes)."""
+    """KV-cache bytes one token adds, at ``dtype`` (an int for byte-sized dtypes): the serving
+    number (MLA: the latent), with sliding-window layers counted until their window fills."""
     cfg = decoder_config(config)
     per_element = workloads.kv_cache_bytes_per_token(cfg, 1)  # 2 x layers x kv_heads x head_dim
     b = bytes_per_element(dtype)
@@ -85,25 +104,43 @@ def kv_bytes_per_token(config: Any, dtype: str | torch.dtype = "fp16") -> float:
     return int(out) if float(out).is_integer() else float(out)
 
 
+def _layer_windows(cfg: Any) -> list[int | None]:
+    """The window of each layer that caches K/V (None: full attention)."""
+    return [w for t, w in cache_layer_types(cfg) if t in KV_LAYER_TYPES or t in HYBRID_LAYER_TYPES]
+
+
+def _tokens(n: int, block_size: int | None) -> int:
+    return n if not block_size else math.ceil(n / block_size) * block_size
+
+
 def kv_cache_bytes(config: Any, seq_len: int, batch: int = 1, dtype: str | torch.dtype = "fp16",
                    block_size: int | None = None) -> float:
-    """KV-cache bytes of ``batch`` sequences of ``seq_len`` tokens (paged when ``block_size``)."""
+    """KV-cache bytes of ``batch`` sequences of ``seq_len`` tokens: per layer, its bytes per token
+    x ``min(seq_len, W)`` for a sliding-window layer of window W, x ``seq_len`` otherwise (paged:
+    each layer's tokens rounded up to whole blocks of ``block_size``)."""
     if seq_len < 0 or batch < 1:
         raise CohwError(f"seq_len must be >= 0 and batch >= 1, got seq_len={seq_len}, batch={batch}")
-    tokens = seq_len if not block_size else math.ceil(seq_len / block_size) * block_size
-    return kv_bytes_per_token(config, dtype) * tokens * batch
+    cfg = decoder_config(config)
+    per = kv_bytes_per_token(cfg, dtype)
+    windows = _layer_windows(cfg)
+    if not any(windows):
+        return per * _tokens(seq_len, block_size) * batch
+    per_layer = per / len(windows)  # every attention layer caches the same width
+    out = sum(per_layer * _tokens(seq_len if w is None else min(seq_len, w), block_size) for w in windows) * batch
+    return int(out) if float(out).is_integer() else out
 
 
 def kv_table(configs: Mapping[str, Any], seq_lens: Iterable[int], batches: Iterable[int] = (1,),
              dtype: str = "fp16") -> pd.DataFrame:
-    """Long table: one row per (model, batch, seq_len) with ``kv_bytes`` and ``kv_gb``."""
+    """Long table: one row per (model, batch, seq_len) with ``kv_bytes`` and ``kv_gb`` (sliding
+    layers capped at their window, as :func:`kv_cache_bytes`)."""
     rows = []
     for name, cfg in configs.items():
-        per_tok = kv_bytes_per_token(cfg, dtype)
+        cfg = decoder_config(cfg)
         for b in batches:
             for s in seq_lens:
-                rows.append({"model": name, "batch": b, "seq_len": s, "kv_bytes": per_tok * s * b,
-                             "kv_gb": per_tok * s * b / GB})
+                kv = kv_cache_bytes(cfg, s, b, dtype)
+                rows.append({"model": name, "batch": b, "seq_len": s, "kv_bytes": kv, "kv_gb": kv / GB})
     return pd.DataFrame(rows)
 
 
@@ -125,59 +162,24 @@ def weight_bytes(workload: str, dtype: str = "fp16") -> int:
 
 def exceeds_weights_at(config: Any, weights: float, batch: int = 1, dtype: str = "fp16") -> int:
     """The smallest sequence length at which ``batch`` sequences' KV cache is larger than
-    ``weights`` bytes."""
-    per = kv_bytes_per_token(config, dtype) * batch
-    return int(math.floor(weights / per)) + 1
-
-
-# ------------------------------------------------------------------------------------ real caches
-@dataclass(frozen=True)
-class CacheCheck:
-    """A real cache against the formula: both in bytes, plus the first layer's K shape."""
-
-    model: str
-    scale: str
-    device: str
-    dtype: str
-    batch: int
-    seq_len: int
-    layers: int
-    key_shape: tuple[int, ...]
-    measured_bytes: int
-    formula_bytes: int
-
-    @property
-    def agrees(self) -> bool:
-        return self.measured_bytes == self.formula_bytes
-
-
-def measure_cache(workload: str, seq_len: int = 16, batch: int = 2, scale: str = "tiny",
-                  device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> CacheCheck:
-    """Run a prefill of ``batch`` x ``seq_len`` tokens with ``use_cache=True`` and compare the
-    bytes of the returned cache tensors (:func:`cohw_utils.workloads.cache_tensors`) with
-    :func:`kv_cache_bytes` of the *built* config (the tiny config at ``scale="tiny"``).
-
-    ``device="meta"`` at ``scale="full"`` checks the published architecture without memory;
-    ``scale="tiny"`` on ``cpu`` (or ``cuda``) allocates real tensors.
-    """
-    kw = {} if dtype is None else {"dtype": dtype}
-    built = workloads.build(workload, scale=scale, device=device, batch=batch, seq_len=seq_len, **kw)
-    if built.workload.domain != "llm":
-        raise CohwError(f"'{workload}' is not a decoder LM; measure_cache needs one")
-    ph = built.phase("prefill")
-    args, kwargs = ph.make_inputs()
-    with torch.no_grad():
-        out = ph.run(*args, **kwargs)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    if cache is None:
-        raise CohwError(f"'{workload}' returned no KV cache from its prefill; does it support use_cache=True?")
-    pairs = workloads.cache_tensors(cache)
-    measured = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in pairs)
-    formula = kv_cache_bytes(built.config, seq_len, batch, built.dtype)
-    return CacheCheck(model=built.workload.name, scale=scale, device=str(built.device),
-                      dtype=dtype_name(built.dtype), batch=batch, seq_len=seq_len, layers=len(pairs),
-                      key_shape=tuple(pairs[0][0].shape), measured_bytes=int(measured),
-                      formula_bytes=int(formula))
+    ``weights`` bytes (sliding layers stop growing at their window). Raises :class:`CohwError`
+    when it never is (every layer sliding, the windows' cache smaller than the weights)."""
+    cfg = decoder_config(config)
+    per = kv_bytes_per_token(cfg, dtype) * batch
+    windows = _layer_windows(cfg)
+    if not any(windows):
+        return int(math.floor(weights / per)) + 1
+    if all(windows) and kv_cache_bytes(cfg, max(windows), batch, dtype) <= weights:
+        raise CohwError(f"the KV cache never exceeds {weights:,.0f} bytes: every layer has a sliding window, "
+                        f"and at the largest ({max(windows)} tokens) it holds "
+                        f"{kv_cache_bytes(cfg, max(windows), batch, dtype):,.0f}")
+    lo, hi = 0, 1
+    while kv_cache_bytes(cfg, hi, batch, dtype) <= weights:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # bytes grow monotonically with the length: bisect
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if kv_cache_bytes(cfg, mid, batch, dtype) <= weights else (lo, mid)
+    return hi
 
 
 # ------------------------------------------------------------------------------------ memory layout
@@ -203,21 +205,26 @@ def fig_kv_growth(configs: Mapping[str, Any], weights: Mapping[str, float] | Non
                   seq_lens: Iterable[int] | None = None, batches: Iterable[int] = (1, 8),
                   dtype: str = "fp16") -> Figure:
     """KV-cache GB against sequence length (log-log), one colour per model, one line style per
-    batch size; dotted horizontal lines at each model's weight bytes, where given, with a dot
-    where batch 1's cache overtakes them."""
+    batch size (sliding-window layers flatten at their window, :func:`kv_cache_bytes`); dotted
+    horizontal lines at each model's weight bytes, where given, with a dot where batch 1's cache
+    overtakes them."""
     seq = np.array(list(seq_lens) if seq_lens is not None else np.unique(np.logspace(7, 20, 40, base=2).astype(int)))
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     styles = ["-", "--", "-.", ":"]
     for i, (name, cfg) in enumerate(configs.items()):
         color = f"C{i}"
-        per = kv_bytes_per_token(cfg, dtype)
+        cfg = decoder_config(cfg)
         for j, b in enumerate(batches):
-            ax.plot(seq, per * seq * b / GB, styles[j % len(styles)], color=color,
-                    label=f"{name}, batch {b}")
+            ax.plot(seq, [kv_cache_bytes(cfg, int(s), b, dtype) / GB for s in seq], styles[j % len(styles)],
+                    color=color, label=f"{name}, batch {b}")
         if weights and name in weights:
             ax.axhline(weights[name] / GB, color=color, lw=0.8, ls=":")
-            x1 = exceeds_weights_at(cfg, weights[name], 1, dtype)
-            ax.plot([x1], [per * x1 / GB], "o", color=color, ms=4)
+            try:
+                x1 = exceeds_weights_at(cfg, weights[name], 1, dtype)
+            except CohwError:  # a sliding-only cache that never reaches the weights: no dot
+                x1 = None
+            if x1 is not None:
+                ax.plot([x1], [kv_cache_bytes(cfg, x1, 1, dtype) / GB], "o", color=color, ms=4)
             ax.annotate(f"{name} weights {weights[name] / GB:.0f} GB", (seq[0], weights[name] / GB),
                         color=color, fontsize=7, xytext=(2, 2), textcoords="offset points")
     ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel=f"KV cache, GB ({dtype_name(dtype)})",
