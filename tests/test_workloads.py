@@ -21,6 +21,10 @@ EXPECTED_PHASES = {
     "llama-2-13b": ("prefill", "decode"),
     "llama-2-70b": ("prefill", "decode"),
     "sd-1.5": ("text_encoder", "unet_step", "vae_decode"),
+    "deepseek-v2-lite": ("prefill", "decode"),
+    "llava-1.5-7b": ("image_encode", "prefill", "decode"),
+    "flux.1-dev": ("denoise_step",),
+    "3dgs": ("render", "train_step"),
     "vit-b-16": ("forward",),
     "resnet-50": ("forward",),
     "nerfacto": ("render", "train_step"),
@@ -52,7 +56,7 @@ def llama_json(path, *, heads=8, kv=None, hidden=128, model_type="llama", **extr
 def test_registry_names_and_phases():
     assert {name: wl.phases for name, wl in W.WORKLOADS.items()} == EXPECTED_PHASES
     for wl in W.WORKLOADS.values():
-        assert wl.source and wl.description and wl.library in {"transformers", "diffusers", "nerfstudio"}
+        assert wl.source and wl.description and wl.library in {"transformers", "diffusers", "nerfstudio", "gsplat"}
         assert wl.builder.__doc__ and "Phase" in wl.builder.__doc__  # every builder documents its phases
 
 
@@ -91,7 +95,7 @@ def test_unknown_phase_scale_option_dtype():
         built.phase("train")
     with pytest.raises(CohwError, match="unknown scale 'huge'.*full, tiny"):
         W.build("llama-2-7b", scale="huge")
-    with pytest.raises(CohwError, match="has no option 'image_size'; its options: prefill_logits, attn_implementation, seed"):
+    with pytest.raises(CohwError, match="has no option 'image_size'; its options: prefill_logits, attn_implementation, cache, seed"):
         W.build("llama-2-7b", image_size=512)
     with pytest.raises(CohwError, match="unknown dtype 'int3'"):
         W.build("llama-2-7b", dtype="int3")
@@ -255,10 +259,14 @@ def test_hf_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown\.json: unknown model_type 'llamma'"):
         W.load_hf_config(unknown)
 
-    vision = tmp_path / "vit.json"
+    vision = tmp_path / "vit.json"  # a ViT config is a workload now (family "vision"), no longer refused
     vision.write_text(json.dumps({"model_type": "vit"}))
-    with pytest.raises(ConfigError, match="model_type 'vit' has no causal-LM class"):
-        W.get_workload(str(vision))
+    assert W.get_workload(str(vision)).phases == ("forward",)
+    retrieval = tmp_path / "dpr.json"  # a DPR question/context encoder pair: no family builds it
+    retrieval.write_text(json.dumps({"model_type": "dpr"}))
+    with pytest.raises(ConfigError, match="model_type 'dpr' fits no supported family") as err:
+        W.get_workload(str(retrieval))
+    assert "\n" not in str(err.value)
 
     not_obj = tmp_path / "list.json"
     not_obj.write_text("[1, 2]")

@@ -26,7 +26,12 @@ gives an untraced ``make_inputs()`` and a ``run(*args, **kwargs)`` that is the w
 Call ``make_inputs()`` afresh before each ``run``: some runs change their inputs (a decode step
 appends to its KV cache; a NeRF forward sets the ray bundle's near/far bounds).
 
-Any Hugging Face decoder-LM ``config.json`` can also be given as a path instead of a name.
+Any Hugging Face ``config.json`` can also be given as a path instead of a name: decoder LMs
+(dense, mixture-of-experts, sliding-window, latent attention), state-space and hybrid models,
+encoders, encoder-decoders (text and speech), vision classifiers, dual encoders and
+vision-language models (:mod:`~cohw_utils.workloads.families`), and diffusers model configs
+(UNet, DiT/MMDiT transformers, VAE: :mod:`~cohw_utils.workloads.diffusers_config`). A family that
+cannot be built is refused in one line naming its type and what is supported.
 
 Public API (import it from here; the submodules are the implementation):
 
@@ -37,6 +42,10 @@ Public API (import it from here; the submodules are the implementation):
 * Hugging Face configs and the KV cache (:mod:`~cohw_utils.workloads.hf_config`):
   :func:`load_hf_config`, :func:`attention_geometry`, :func:`kv_cache_bytes_per_token`,
   :func:`cache_tensors`;
+* caches measured from the model's own cache object (:mod:`~cohw_utils.workloads.caches`):
+  :func:`measure_cache`, :func:`cache_report`, :class:`CacheReport`; config families
+  (:func:`model_family`, ``FAMILIES``); mixture-of-experts parameters (:func:`moe_parameters`,
+  :func:`active_parameters`, :mod:`~cohw_utils.workloads.moe`);
 * ``CONFIG_DIR`` (the repo's config folder), ``DEFAULT_SEQ_LEN`` (512, the LLM phases' default
   ``seq_len``), ``DEFAULT_RAYS`` (the NeRF phases' default ray counts);
 * the NeRF renderers :class:`NerfactoRenderer` and :class:`VanillaNeRFRenderer`
@@ -53,10 +62,13 @@ Used by every chapter (Chapters 1-5 build their models here).
 from __future__ import annotations
 
 from cohw_utils.workloads.base import SCALES, Built, Phase, Workload
+from cohw_utils.workloads.caches import CacheReport, cache_report, measure_cache
+from cohw_utils.workloads.families import FAMILIES, model_family
 from cohw_utils.workloads.helpers import CONFIG_DIR
 from cohw_utils.workloads.hf_config import (
-    attention_geometry, cache_tensors, kv_cache_bytes_per_token, load_hf_config)
-from cohw_utils.workloads.llm import DEFAULT_SEQ_LEN
+    attention_geometry, cache_layer_types, cache_tensors, kv_cache_bytes_per_token, load_hf_config, mla_geometry)
+from cohw_utils.workloads.llm import DECODE_CACHES, DEFAULT_SEQ_LEN
+from cohw_utils.workloads.moe import MoEParameters, active_parameters, moe_parameters
 from cohw_utils.workloads.nerf import DEFAULT_RAYS, NerfactoRenderer, VanillaNeRFRenderer
 from cohw_utils.workloads.registry import WORKLOADS, build, get_workload, list_workloads
 
@@ -73,6 +85,17 @@ __all__ = [
     "kv_cache_bytes_per_token",
     "cache_tensors",
     "attention_geometry",
+    "cache_layer_types",
+    "mla_geometry",
+    "measure_cache",
+    "cache_report",
+    "CacheReport",
+    "DECODE_CACHES",
+    "FAMILIES",
+    "model_family",
+    "MoEParameters",
+    "moe_parameters",
+    "active_parameters",
     "SCALES",
     "DEFAULT_SEQ_LEN",
     "DEFAULT_RAYS",

@@ -14,7 +14,7 @@ import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -77,6 +77,18 @@ class Workload:
     phases: tuple[str, ...]
     default_dtype: torch.dtype
     builder: Callable[..., Built]
+    calls_per_request: Mapping[str, int] | None = None
+
+    def calls(self, phase: str) -> int:
+        """How many times ``phase`` runs to serve one request (one answer, one image, one frame).
+
+        From ``calls_per_request`` (e.g. Stable Diffusion: 2 text encodes for classifier-free
+        guidance, 50 denoising steps, 1 VAE decode); 1 for a phase it does not name. Chapter 1
+        weights a workload's phases by these counts (time per request), not one each.
+        """
+        if phase not in self.phases:
+            raise CohwError(f"workload '{self.name}' has no phase '{phase}'; its phases: {', '.join(self.phases)}")
+        return int((self.calls_per_request or {}).get(phase, 1))
 
 
 class _Builder:
@@ -126,9 +138,16 @@ class _Builder:
         return self.fn(wl, scale, dev, dt, batch, seq_len, **self.bound, **kw)
 
 
-def _workload(name, domain, description, source, library, phases, default_dtype, fn, **bound) -> Workload:
+def _workload(name, domain, description, source, library, phases, default_dtype, fn, *,
+              calls_per_request: Mapping[str, int] | None = None, **bound) -> Workload:
     builder = _Builder(fn, **bound)
-    wl = Workload(name, domain, description, source, library, tuple(phases), default_dtype, builder)
+    if calls_per_request:
+        unknown = sorted(set(calls_per_request) - set(phases))
+        if unknown or any(int(v) < 1 for v in calls_per_request.values()):
+            raise CohwError(f"workload '{name}': calls_per_request {dict(calls_per_request)} must name its phases "
+                            f"({', '.join(phases)}) with counts >= 1")
+    wl = Workload(name, domain, description, source, library, tuple(phases), default_dtype, builder,
+                  dict(calls_per_request) if calls_per_request else None)
     builder.workload = wl
     return wl
 

@@ -1,10 +1,15 @@
-"""The workload registry: :data:`WORKLOADS` (the nine proxy workloads, by name),
-:func:`get_workload` (by name, or a decoder LM from a Hugging Face ``config.json`` path),
-:func:`build` and :func:`list_workloads`.
+"""The workload registry: :data:`WORKLOADS` (the thirteen proxy workloads, by name: dense, MoE/MLA
+and vision-language LLMs, UNet and MMDiT diffusion, ViT and ResNet, NeRFs, Gaussian splatting,
+text-to-3D),
+:func:`get_workload` (by name, or any Hugging Face or diffusers ``config.json`` path, built by
+the family :func:`~cohw_utils.workloads.families.config_workload` picks), :func:`build` and
+:func:`list_workloads`.
 
 It is the one module that knows every family (:mod:`~cohw_utils.workloads.llm`,
 :mod:`~cohw_utils.workloads.diffusion`, :mod:`~cohw_utils.workloads.vision`,
-:mod:`~cohw_utils.workloads.nerf`, :mod:`~cohw_utils.workloads.dreamfusion`); the families never
+:mod:`~cohw_utils.workloads.nerf`, :mod:`~cohw_utils.workloads.dreamfusion`,
+:mod:`~cohw_utils.workloads.hf_families`, :mod:`~cohw_utils.workloads.diffusers_config`,
+:mod:`~cohw_utils.workloads.splatting`); the families never
 import it. Chapters 1-5 all build workloads through :func:`build`, re-exported as
 ``cohw_utils.workloads.build`` with the rest of this module's public names.
 """
@@ -17,10 +22,14 @@ import torch
 from cohw_utils.core.errors import UnknownWorkloadError
 from cohw_utils.workloads.base import Built, Workload, _workload
 from cohw_utils.workloads.diffusion import _build_sd15
+from cohw_utils.workloads.diffusers_config import _build_diffusers
 from cohw_utils.workloads.dreamfusion import _build_dreamfusion
+from cohw_utils.workloads.families import config_workload
 from cohw_utils.workloads.helpers import CONFIG_DIR
-from cohw_utils.workloads.llm import _build_causal_lm, _hf_path_workload
+from cohw_utils.workloads.llm import _build_causal_lm
+from cohw_utils.workloads.hf_families import _build_vision_language
 from cohw_utils.workloads.nerf import _build_nerfacto, _build_vanilla_nerf
+from cohw_utils.workloads.splatting import SPLAT_WORKLOAD
 from cohw_utils.workloads.vision import _TINY_RESNET, _TINY_VIT, _build_vision
 
 
@@ -28,12 +37,28 @@ _LLAMA_SOURCE = ("Touvron et al., Llama 2: Open Foundation and Fine-Tuned Chat M
                  "https://huggingface.co/meta-llama/{}")
 
 
+# One LLM request = one prefill + one decode step per output token. 338 is the mean output length of
+# ShareGPT conversations in the vLLM paper (Kwon et al. 2023, Figure 11: 337.99 tokens), the request mix
+# Chapter 4's paging study samples too. An assumption of the proxy set: edit it for your traffic.
+LLM_CALLS = {"prefill": 1, "decode": 338}
+# One Stable Diffusion 1.5 image, as diffusers' StableDiffusionPipeline makes it by default: the prompt and
+# the empty negative prompt each through the text encoder (classifier-free guidance), num_inference_steps=50
+# denoising steps (each at twice the batch with guidance: not modelled, the step is traced at the given
+# batch), one VAE decode.
+SD_CALLS = {"text_encoder": 2, "unet_step": 50, "vae_decode": 1}
+# One FLUX.1-dev image, as diffusers' FluxPipeline makes it by default: num_inference_steps=28 steps of the
+# transformer (guidance-distilled: true_cfg_scale=1.0, so one pass per step, no negative prompt).
+FLUX_CALLS = {"denoise_step": 28}
+# One LLaVA answer: the image through the vision tower once, one prefill of image + prompt tokens, decode steps.
+VLM_CALLS = {"image_encode": 1, "prefill": 1, "decode": LLM_CALLS["decode"]}
+
+
 def _llama(size: str, note: str) -> Workload:
     repo = f"Llama-2-{size}-hf"
     return _workload(
         f"llama-2-{size}", "llm", f"Llama-2-{size.upper()} decoder LM ({note}), fp16 inference: prefill and decode",
         _LLAMA_SOURCE.format(repo), "transformers", ("prefill", "decode"), torch.float16,
-        _build_causal_lm, config_path=CONFIG_DIR / f"llama-2-{size}" / "config.json",
+        _build_causal_lm, config_path=CONFIG_DIR / f"llama-2-{size}" / "config.json", calls_per_request=LLM_CALLS,
     )
 
 
@@ -46,7 +71,33 @@ WORKLOADS: dict[str, Workload] = {wl.name: wl for wl in [
         "Stable Diffusion 1.5 text-to-image: CLIP ViT-L/14 text encoder, 860M UNet, KL VAE decoder",
         "Rombach et al., High-Resolution Image Synthesis with Latent Diffusion Models, CVPR 2022; "
         "https://huggingface.co/runwayml/stable-diffusion-v1-5",
-        "diffusers", ("text_encoder", "unet_step", "vae_decode"), torch.float16, _build_sd15),
+        "diffusers", ("text_encoder", "unet_step", "vae_decode"), torch.float16, _build_sd15,
+        calls_per_request=SD_CALLS),
+    _workload(
+        "deepseek-v2-lite", "llm",
+        "DeepSeek-V2-Lite decoder LM: mixture of experts (64 routed + 2 shared, 6 routed per token) with "
+        "multi-head latent attention (a 512-wide compressed KV latent + 64 RoPE dims cached per token), bf16",
+        "DeepSeek-AI, DeepSeek-V2: A Strong, Economical, and Efficient Mixture-of-Experts Language Model, "
+        "arXiv:2405.04434; https://huggingface.co/deepseek-ai/DeepSeek-V2-Lite", "transformers",
+        ("prefill", "decode"), torch.bfloat16, _build_causal_lm,
+        config_path=CONFIG_DIR / "deepseek-v2-lite" / "config.json", calls_per_request=LLM_CALLS),
+    _workload(
+        "llava-1.5-7b", "multimodal",
+        "LLaVA-1.5-7B vision-language model: CLIP ViT-L/14-336 vision tower, MLP projector, Vicuna-7B (Llama) "
+        "decoder; one 336x336 image (576 image tokens) + prompt, then decode",
+        "Liu et al., Improved Baselines with Visual Instruction Tuning, CVPR 2024 (arXiv:2310.03744); "
+        "https://huggingface.co/llava-hf/llava-1.5-7b-hf", "transformers",
+        ("image_encode", "prefill", "decode"), torch.float16, _build_vision_language,
+        config_path=CONFIG_DIR / "llava-1.5-7b" / "config.json", calls_per_request=VLM_CALLS),
+    _workload(
+        "flux.1-dev", "diffusion",
+        "FLUX.1-dev text-to-image transformer (MMDiT: 19 double-stream + 38 single-stream blocks, 12B), one "
+        "denoising step of a 1024x1024 image (4096 latent tokens) with 512 T5 text tokens, bf16",
+        "Black Forest Labs, FLUX.1 (2024), https://huggingface.co/black-forest-labs/FLUX.1-dev; MMDiT: Esser et al., "
+        "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis, ICML 2024 (arXiv:2403.03206)",
+        "diffusers", ("denoise_step",), torch.bfloat16, _build_diffusers,
+        config_path=CONFIG_DIR / "flux.1-dev" / "transformer" / "config.json", calls_per_request=FLUX_CALLS),
+    SPLAT_WORKLOAD,
     _workload(
         "vit-b-16", "vision", "ViT-B/16 image classifier, 224x224, 1000 classes",
         "Dosovitskiy et al., An Image is Worth 16x16 Words, ICLR 2021; https://huggingface.co/google/vit-base-patch16-224",
@@ -93,10 +144,11 @@ def _unknown(name: str, why: str = "") -> UnknownWorkloadError:
 
 
 def get_workload(name_or_path) -> Workload:
-    """A registered workload by name (case-insensitive), or a decoder-LM workload built from a
-    Hugging Face ``config.json`` path (file or folder). Unknown names raise
-    :class:`UnknownWorkloadError` listing the known ones; a bad config file raises
-    :class:`ConfigError`."""
+    """A registered workload by name (case-insensitive), or the workload of a config path (file or
+    folder): :func:`~cohw_utils.workloads.families.config_workload` picks the family (causal LM,
+    SSM, hybrid, seq2seq, speech, encoder, vision, dual encoder, vision-language, diffusers) and
+    its phases. Unknown names raise :class:`UnknownWorkloadError` listing the known ones; a bad
+    config file, or one no family fits, raises :class:`ConfigError`."""
     if isinstance(name_or_path, Workload):
         return name_or_path
     key = str(name_or_path).strip()
@@ -104,7 +156,7 @@ def get_workload(name_or_path) -> Workload:
         return WORKLOADS[key.lower()]
     path = Path(key).expanduser()
     if path.is_file() or (path.is_dir() and (path / "config.json").is_file()):
-        return _hf_path_workload(path)
+        return config_workload(path)
     if path.is_dir():
         raise _unknown(key, " (a folder with no config.json in it)")
     looks_like_path = key.endswith(".json") or "/" in key or "\\" in key
