@@ -1,21 +1,52 @@
-"""Command line: ``python -m cohw_utils analyze WORKLOAD_OR_CONFIG_JSON [options]``.
+"""Command line: ``python -m cohw_utils analyze WORKLOAD_OR_CONFIG [options]``.
 
-Prints the totals of one traced phase (parameters, weight bytes, FLOPs, MACs, bytes moved,
-KV-cache bytes per token, breakdown by operator class), as text or ``--json``. Bad input
-prints one line on stderr naming the problem and the fix, and exits with status 2.
+``WORKLOAD_OR_CONFIG`` is a registry name (``python -m cohw_utils list``) or a path to any
+config.json (or the folder holding one) that :func:`cohw_utils.spine.analyze.analyze` builds:
+decoder LMs, encoders, seq2seq, VLMs, state-space models, and diffusers model configs such as
+``cohw_utils/data/configs/flux.1-dev/transformer``. It traces one phase (full scale on ``meta`` by
+default: shapes only, no weights) and prints, as text or ``--json``:
 
-The command-line form of Chapters 1-2's summary view (README: `analyze`).
+* parameters, active parameters (those one token uses: a mixture-of-experts model's routed
+  k of E experts; = parameters for a dense model; "n/a" where the analysis does not give them),
+  weight bytes;
+* FLOPs two ways: ``flops``, torch's convention (``FlopCounterMode``: attention counted full,
+  the masked half of a causal score matrix included), and ``flops_effective``, what a causal or
+  sliding-window flash kernel computes (masked-out tiles skipped); the same two for the
+  contraction ops alone (``contraction_flops``, ``contraction_flops_effective``); MACs; bytes
+  read / written / moved; intensity (torch-convention FLOPs per byte moved);
+* the cache the phase returned, measured (:mod:`cohw_utils.workloads.caches`): one line per
+  layer type (full attention, sliding window (W), recurrent state, cross attention) with its
+  layers, window, bytes per token of context per sequence as transformers holds it
+  ("framework") and as a serving engine stores it ("serving"), constant bytes, and bytes at the
+  analysed context; then the number the analyses use (``used``, the serving one) and whether
+  the two differ. A phase that returns no cache (a denoising step, an encoder forward) has no
+  cache block;
+* the share of FLOPs and bytes by operator class, and any op with no cost rule.
+
+``--json`` prints :meth:`~cohw_utils.spine.analyze.Analysis.totals` (the same fields; the cache
+block is its ``cache`` key, ``None`` without one), made strictly JSON-serialisable: tuples become
+lists, numpy scalars Python numbers, a non-finite float (the intensity of a phase that moves no
+bytes) ``null``. Bad input prints one line on stderr naming the problem and the fix, and exits
+with status 2.
+
+The command-line form of Chapters 1-2's summary view (README: `analyze`); Chapter 2's cache and
+FLOP-convention discussion is what the cache block and the two FLOP lines print.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import numbers
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from cohw_utils.core.errors import CohwError
 
 EXIT_BAD_INPUT = 2
+
+FLOPS_LABEL = "FLOPs (torch convention: attention counted full)"
+FLOPS_EFFECTIVE_LABEL = "FLOPs (effective: causal/window attention as a flash kernel computes)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,14 +68,16 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m cohw_utils",
-                description="Op-level cost analysis of the cohw proxy workloads or any HF config.json.")
+                description="Op-level cost analysis of the cohw proxy workloads or any HF/diffusers config.json.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     a = sub.add_parser("analyze", help="trace one phase of a workload and print its totals")
-    a.add_argument("workload", help="registry name (see `list`) or path to a Hugging Face config.json")
+    a.add_argument("workload", help="registry name (see `list`) or path to a Hugging Face or diffusers "
+                                    "config.json (or its folder)")
     a.add_argument("--phase", help="phase to trace (default: the workload's first, e.g. prefill)")
     a.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
     a.add_argument("--seq-len", type=_positive_int, default=None,
-                   help="tokens in the prompt for LLM prefill/decode (default: the workload's)")
+                   help="tokens in the prompt for LLM prefill/decode, text tokens for a diffusion "
+                        "denoiser (default: the workload's)")
     a.add_argument("--dtype", default=None, help="build dtype: fp32, bf16 or fp16 (default: the workload's)")
     a.add_argument("--scale", choices=["full", "tiny"], default="full")
     a.add_argument("--device", default="meta", help="meta (default, no weights), cpu or cuda")
@@ -63,29 +96,115 @@ def _fmt(n: float | int | None) -> str:
     return f"{n:,.0f}"
 
 
+def _int(n: int | None) -> str:
+    return "n/a" if n is None else f"{n:,}"
+
+
+def _jsonable(x: Any) -> Any:
+    """``x`` with every value json.dumps accepts under ``allow_nan=False``: dict keys as str,
+    tuples/sets as lists, numpy/torch scalars as Python numbers, NaN/inf as None (no number)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in x]
+    if x is None or isinstance(x, (str, bool)):
+        return x
+    if hasattr(x, "item") and callable(x.item) and getattr(x, "ndim", 0) == 0:  # numpy / torch scalar
+        x = x.item()
+    if isinstance(x, bool):
+        return x
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    if isinstance(x, numbers.Real):
+        return float(x) if math.isfinite(float(x)) else None
+    return str(x)  # a dtype, a path...: its name
+
+
+def _active_parameters(t: dict) -> str:
+    active, total = t.get("active_parameters"), t.get("parameters")
+    if active is None:
+        return "n/a"
+    if total and active != total:
+        return f"{active:,}  ({100 * active / total:.1f}% of parameters: routed experts, k of E per token)"
+    return f"{active:,}  (all: no routed experts)"
+
+
+def _cache_lines(c: dict, t: dict) -> list[str]:
+    """The cache block: one line per layer type, then the total the analyses use."""
+    ctx, batch = c.get("context"), c.get("batch", t.get("batch", 1))
+    at = "n/a" if ctx is None else f"{ctx:,} tokens" + (f" x batch {batch}" if batch != 1 else "")
+    used = c.get("used", "serving")
+    lines = [f"  cache ({c.get('class', '?')}, {c.get('layers', '?')} layers; bytes/token = bytes one more "
+             f"token of context adds, per sequence; analysed context {at}):"]
+    by_type = c.get("by_type") or {}
+    width = max([len(k) for k in by_type] + [len("total")])
+    for name, r in by_type.items():
+        fw, sv = r["framework_bytes_per_token"], r["serving_bytes_per_token"]
+        per = (f"{sv:,} bytes/token (framework = serving)" if fw == sv else
+               f"framework {fw:,} / serving {sv:,} bytes/token (framework != serving)")
+        window = "none" if r.get("window") is None else f"{r['window']:,} tokens"
+        parts = [f"{r['layers']} layers", f"window {window}", per]
+        if r.get("constant_bytes"):
+            parts.append(f"{r['constant_bytes']:,} constant bytes/sequence")
+        fa, sa = r.get("framework_bytes_at_context"), r.get("serving_bytes_at_context")
+        parts.append(f"{_int(sa)} bytes at context" if fa == sa else
+                     f"framework {_int(fa)} / serving {_int(sa)} bytes at context")
+        lines.append(f"    {name:<{width}}  " + ", ".join(parts))
+    fw, sv = c["framework_bytes_per_token"], c["serving_bytes_per_token"]
+    total = f"{c['kv_bytes_per_token']:,} bytes/token ({used}: the number the analyses use)"
+    if fw != sv:
+        total += f"; framework != serving: transformers holds {fw:,}, a serving engine stores {sv:,}"
+    else:
+        total += "; framework = serving"
+    if c.get("state_bytes"):
+        total += f"; {c['state_bytes']:,} constant bytes/sequence"
+    at_ctx = c.get(f"{used}_bytes_at_context", c.get("serving_bytes_at_context"))
+    total += f"; {_int(at_ctx)} bytes at context"
+    lines.append(f"    {'total':<{width}}  {total}")
+    nxt = c.get("bytes_per_token_at_context")
+    if nxt is not None and ctx is not None and nxt != c["kv_bytes_per_token"]:
+        lines.append(f"    {'':<{width}}  the token after {ctx:,} adds {nxt:,} bytes (full sliding windows add none)")
+    for note in c.get("notes") or []:
+        lines.append(f"    note: {note}")
+    return lines
+
+
 def _print_text(t: dict) -> None:
-    seq = f", seq_len {t['seq_len']}" if t["seq_len"] else ""
+    seq = f", seq_len {t['seq_len']}" if t.get("seq_len") else ""
     print(f"{t['workload']} / {t['phase']}  ({t['scale']} scale on {t['device']}, {t['dtype']}, "
           f"batch {t['batch']}{seq})")
+    flops, eff = t["flops"], t.get("flops_effective")
+    share = f"; {100 * eff / flops:.1f}% of the torch count" if eff is not None and flops else ""
     rows = [
         ("parameters", f"{t['parameters']:,}"),
+        ("active parameters", _active_parameters(t)),
         ("weight bytes", f"{t['weight_bytes']:,}"),
-        ("FLOPs", f"{t['flops']:,}  ({_fmt(t['flops'])}FLOP)"),
-        ("  of which contraction", f"{t['contraction_flops']:,}"),
+        (FLOPS_LABEL, f"{flops:,}  ({_fmt(flops)}FLOP)"),
+        (FLOPS_EFFECTIVE_LABEL, "n/a" if eff is None else f"{eff:,}  ({_fmt(eff)}FLOP{share})"),
+        ("contraction FLOPs (torch convention)", _int(t.get("contraction_flops"))),
+        ("contraction FLOPs (effective)", _int(t.get("contraction_flops_effective"))),
         ("MACs", f"{t['macs']:,}"),
         ("bytes read", f"{t['bytes_read']:,}"),
         ("bytes written", f"{t['bytes_written']:,}"),
         ("bytes moved", f"{t['bytes_moved']:,}  ({_fmt(t['bytes_moved'])}B)"),
-        ("intensity", f"{t['intensity']:.2f} FLOP/byte"),
-        ("KV cache per token", "n/a" if t["kv_cache_bytes_per_token"] is None
-         else f"{t['kv_cache_bytes_per_token']:,} bytes"),
-        (f"FLOPs per {t['unit']}", _fmt(t["flops_per_unit"])),
+        ("intensity (torch FLOPs / byte)", "n/a" if t["intensity"] is None or not math.isfinite(t["intensity"])
+         else f"{t['intensity']:.2f} FLOP/byte"),
+        (f"FLOPs per {t['unit']} (torch convention)", _fmt(t["flops_per_unit"])),
         ("ops (excl. views)", f"{t['ops']:,}"),
     ]
-    width = max(len(k) for k, _ in rows)
+    cache = t.get("cache")
+    if cache is None and t.get("kv_cache_bytes_per_token") is not None:
+        rows.append(("KV cache per token", f"{t['kv_cache_bytes_per_token']:,} bytes/token (closed form of the "
+                                           "config; the phase returned no cache to measure)"))
+    # the two long FLOP labels are aligned with each other, not widening the other rows
+    width = max(len(k) for k, _ in rows if len(k) <= 40)
+    wide = max(len(k) for k, _ in rows)
     for k, v in rows:
-        print(f"  {k:<{width}}  {v}")
-    print("  by operator class:")
+        print(f"  {k:<{width if len(k) <= 40 else wide}}  {v}")
+    if cache is not None:
+        for line in _cache_lines(cache, t):
+            print(line)
+    print("  by operator class (shares of torch-convention FLOPs and of bytes moved):")
     for cls, r in t["by_class"].items():
         print(f"    {cls:<14} {r['flops_%']:7.3f}% of FLOPs  {r['bytes_moved_%']:7.3f}% of bytes")
     if t["uncosted"]:
@@ -94,7 +213,12 @@ def _print_text(t: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status
+    (0, or :data:`EXIT_BAD_INPUT` after one line on stderr)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # a usage error (one line already on stderr) or --help
+        return int(done.code or 0) if not isinstance(done.code, str) else EXIT_BAD_INPUT
     try:
         if args.command == "list":
             from cohw_utils.workloads import list_workloads
@@ -103,12 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cohw_utils.spine.analyze import analyze
         result = analyze(args.workload, args.phase, batch=args.batch, seq_len=args.seq_len,
                          dtype=args.dtype, scale=args.scale, device=args.device, strict=args.strict)
+        t = _jsonable(result.totals())
     except CohwError as err:
         print(f"python -m cohw_utils: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    t = result.totals()
     if args.json:
-        print(json.dumps(t, indent=2))
+        print(json.dumps(t, indent=2, allow_nan=False))
     else:
         _print_text(t)
     return 0
