@@ -85,7 +85,10 @@ def capture(llm: str = "llama-2-7b", seq_len: int = 512, batches: tuple[int, ...
     record["idle_power_w"] = power.idle_power(idle_s, nvml=nvml) if idle_s > 0 else 0.0
     meas = []
     for b in batches:
-        built = workloads.build(llm, scale=scale, device=device, dtype=dtype, batch=b, seq_len=seq_len)
+        # the timed steps reuse one set of inputs, so the cache grows a token per call: transformers'
+        # DynamicCache, as generate() runs by default (a static cache holds seq_len + 1 positions)
+        built = workloads.build(llm, scale=scale, device=device, dtype=dtype, batch=b, seq_len=seq_len,
+                                cache="dynamic")
         row = _measure(built.phase("decode"), repeats=repeats, warmup=warmup, windows=windows,
                        device=device, nvml=nvml, idle_w=record["idle_power_w"])
         meas.append({"workload": built.workload.name, "phase": "decode", "batch": b, "seq_len": seq_len,

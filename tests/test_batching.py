@@ -14,7 +14,7 @@ def test_measure_tiny_decode_and_nerf():
     assert d.batch.tolist() == [1, 2] and d.units.tolist() == [1, 2]
     np.testing.assert_allclose(d.throughput, d.units / (d.latency_ms / 1e3))
     assert (d.latency_min_ms <= d.latency_ms).all() and (d.latency_ms <= d.latency_max_ms).all()
-    assert "KV cache grows" in d.attrs["note"]
+    assert "freshly filled" in d.attrs["note"]
     n = batching.measure("nerfacto", "render", [32], scale="tiny", repeats=1, warmup=0)
     assert n.unit.iloc[0] == "ray" and n.units.iloc[0] == 32
     s = batching.measure("llama-slice", "prefill", [1], repeats=1, warmup=0, width="small", seq_len=8)

@@ -178,11 +178,18 @@ def test_placement_policies():
 
 
 def test_prepare_kv_footprint_and_in_place_append(decode):
-    eager = prepare(decode)
-    inplace = prepare(decode, kv_in_place=True)
-    assert eager.kv_bytes == decode.kv_bytes_per_token * (128 + 1) * 1
+    # the in-place what-if matters for transformers' DynamicCache (torch.cat of the whole cache)...
+    dynamic = analyze("llama-2-7b", "decode", seq_len=128, cache="dynamic")
+    eager = prepare(dynamic)
+    inplace = prepare(dynamic, kv_in_place=True)
+    assert eager.kv_bytes == dynamic.kv_bytes_per_token * (128 + 1) * 1
     assert eager.variants["native"].kv.sum() > inplace.variants["native"].kv.sum() > 0
-    e = energy.workload_energy(TABLE, energy.op_roles(decode), energy.ReuseModel(onchip_bytes=0, kv_in_place=True))
+    # ...and is already what the default static cache does (one token written in place)
+    static = prepare(decode)
+    # (equal but for the 8-byte position index each index_copy_ reads)
+    assert static.variants["native"].kv.sum() == pytest.approx(prepare(decode, kv_in_place=True).variants["native"].kv.sum(), rel=1e-4)
+    assert static.variants["native"].kv.sum() == pytest.approx(inplace.variants["native"].kv.sum(), rel=0.01)
+    e = energy.workload_energy(TABLE, energy.op_roles(dynamic), energy.ReuseModel(onchip_bytes=0, kv_in_place=True))
     r = inplace.variants["native"]
     assert (r.w + r.kv + r.act).sum() == pytest.approx(e["offchip_bytes"], rel=1e-12)
 

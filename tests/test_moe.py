@@ -33,3 +33,18 @@ def test_missing_top_k_is_a_clear_error():
     cfg.pop("num_experts_per_tok")
     with pytest.raises(ConfigError, match="experts-per-token"):
         moe_parameters(b.model, cfg)
+
+
+def test_tiny_latent_attention_and_experts_run_on_cpu():
+    import torch
+
+    from cohw_utils.workloads import measure_cache
+
+    b = build("deepseek-v2-lite", scale="tiny", device="cpu", seq_len=16, batch=2)
+    m = moe_parameters(b.model, b.config)
+    assert (m.experts, m.experts_per_token) == (4, 2)          # the tiny MoE keeps routing
+    for phase in ("prefill", "decode"):
+        args, kwargs = b.phase(phase).make_inputs()
+        assert torch.isfinite(b.phase(phase).run(*args, **kwargs).logits).all()
+    # tiny latent: (kv_lora_rank 32 + rope 8) x 2 layers x 4 bytes (fp32 on cpu)
+    assert measure_cache(b, "prefill").kv_bytes_per_token == (32 + 8) * 2 * 4

@@ -68,3 +68,27 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(CohwError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_memory_bound_share_is_per_request_time():
+    import pandas as pd
+
+    # One image: 2 text encodes of 1 ms (share 0.5), 50 steps of 10 ms (share 0.2), a 20 ms decode (share 1.0):
+    # memory-bound time = 2*1*0.5 + 50*10*0.2 + 1*20*1.0 = 1 + 100 + 20 = 121 ms of 2 + 500 + 20 = 522 ms.
+    t = pd.DataFrame({"workload": ["sd"] * 3, "phase": ["te", "step", "vae"], "time_X_ms": [1.0, 10.0, 20.0],
+                      "memory_bound_share": [0.5, 0.2, 1.0], "calls_per_request": [2, 50, 1]})
+    assert proxies.request_memory_bound_share(t)["sd"] == pytest.approx(121 / 522)
+    # each phase once (the old, equal weighting would give (0.5 + 0.2 + 1.0) / 3 = 0.567)
+    once = proxies.request_memory_bound_share(t.drop(columns="calls_per_request"))["sd"]
+    assert once == pytest.approx((0.5 + 2 + 20) / 31)
+
+
+def test_calls_per_request_of_the_registry():
+    from cohw_utils.workloads import get_workload
+
+    sd = get_workload("sd-1.5")
+    assert (sd.calls("text_encoder"), sd.calls("unet_step"), sd.calls("vae_decode")) == (2, 50, 1)
+    llm = get_workload("llama-2-7b")
+    assert llm.calls("prefill") == 1 and llm.calls("decode") == 338
+    with pytest.raises(CohwError, match="no phase 'forward'"):
+        llm.calls("forward")

@@ -370,11 +370,18 @@ def _weight_read(op: str, module_class: str, shapes: tuple, dtype: str, written:
 
 
 def _is_kv_append(op: str, module_class: str, shapes: tuple) -> bool:
-    """``torch.cat([cache, new], dim=-2)`` inside an attention module (HF DynamicCache)."""
-    if op != "aten.cat.default" or "Attention" not in (module_class or "") or len(shapes) != 2:
+    """A KV-cache append inside an attention module: ``torch.cat([cache, new], dim=-2)`` (HF
+    ``DynamicCache``: re-reads and re-writes the cache) or ``cache.index_copy_(2, pos, new)``
+    (``StaticCache``: writes the new entries in place). The new entries are the last input."""
+    if "Attention" not in (module_class or ""):
         return False
-    a, b = shapes
-    return (len(a) == len(b) == 4 and a[:2] == b[:2] and a[-1] == b[-1] and a[-2] > b[-2])
+    if op == "aten.cat.default" and len(shapes) == 2:
+        a, b = shapes
+        return len(a) == len(b) == 4 and a[:2] == b[:2] and a[-1] == b[-1] and a[-2] > b[-2]
+    if op in ("aten.index_copy_.default", "aten.index_copy.default") and len(shapes) == 3:
+        a, b = shapes[0], shapes[2]
+        return len(a) == len(b) == 4 and a[:2] == b[:2] and a[-1] == b[-1]
+    return False
 
 
 @dataclass
@@ -383,7 +390,8 @@ class OpRoles:
 
     Bytes: ``weight_read`` (parameter bytes read), ``act_read`` (other bytes read),
     ``written``; ``fusable`` marks element-wise/normalization/cast rows; ``kv_append`` marks
-    KV-cache ``cat`` rows and ``kv_new`` their new-entry bytes. ``macs`` and ``other_flops``
+    KV-cache appends (``cat`` of a dynamic cache, ``index_copy_`` of a static one) and ``kv_new``
+    their new-entry bytes (the ``kv_in_place`` what-if charges only these; a static cache already does). ``macs`` and ``other_flops``
     (FLOPs that are not half of a MAC) by row, ``dtype`` the short dtype name per row.
     ``aux_flops`` are (de)quantization multiplies a what-if adds, charged in ``aux_dtype`` (the
     original dtype). ``units``/``unit_name`` come from the phase when built from an
@@ -496,7 +504,7 @@ def op_roles(source: Any, label: str = "") -> OpRoles:
                        zip(ops, classes, shapes, dtype_short, written)], dtype=float)
     weight = np.minimum(weight, read) * costed
     kv = np.array([_is_kv_append(o, c, s) for o, c, s in zip(ops, classes, shapes)], dtype=bool)
-    kv_new = np.array([_numel(s[1]) * _esize(d) if k else 0.0
+    kv_new = np.array([_numel(s[-1]) * _esize(d) if k else 0.0
                        for k, s, d in zip(kv, shapes, dtype_short)], dtype=float)
     op_class = t["op_class"].to_numpy()
     fusable = np.isin(op_class, list(_FUSABLE_CLASSES)) | np.isin(ops, list(_FUSABLE_OPS))

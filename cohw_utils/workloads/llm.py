@@ -32,11 +32,31 @@ _TINY_LM = dict(hidden_size=64, head_dim=16, num_attention_heads=4, num_hidden_l
                 intermediate_size=128, vocab_size=512)
 
 
+# Tiny latent attention and mixture of experts: a 32-wide latent with 8 RoPE dims, heads of 16 + 8
+# (no-RoPE + RoPE) for queries and keys and 16 for values; 4 routed experts, 2 per token, 1 shared,
+# of width 32, the first layer dense (as DeepSeek's first_k_dense_replace keeps).
+_TINY_MLA = dict(kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, q_lora_rank=None)
+_TINY_MOE = dict(n_routed_experts=4, num_local_experts=4, num_experts=4, num_experts_per_tok=2,
+                 n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1, n_group=1,
+                 topk_group=1)
+
+
 def _shrink_decoder_config(config):
     """Same model_type, a few narrow layers; keeps MHA / GQA / MQA character (4 query heads with
-    4, 2 or 1 KV heads)."""
+    4, 2 or 1 KV heads), latent attention (a narrow latent, :data:`_TINY_MLA`) and a mixture of
+    experts (4 experts, 2 per token, :data:`_TINY_MOE`) where the full model has them."""
     cfg = copy.deepcopy(config)
-    _, heads, kv, _ = attention_geometry(cfg)
+    if mla_geometry(cfg) is not None:
+        for name, v in _TINY_MLA.items():
+            setattr(cfg, name, v)
+        heads = kv = int(cfg.num_attention_heads)
+        if getattr(cfg, "num_key_value_heads", None) is not None:
+            kv = int(cfg.num_key_value_heads)
+    else:
+        _, heads, kv, _ = attention_geometry(cfg)
+    for name, v in _TINY_MOE.items():
+        if isinstance(getattr(cfg, name, None), int):
+            setattr(cfg, name, v)
     t = _TINY_LM
     tiny_kv = t["num_attention_heads"] if kv == heads else (1 if kv == 1 else 2)
     cfg.hidden_size = t["hidden_size"]
@@ -52,6 +72,8 @@ def _shrink_decoder_config(config):
             cfg.head_dim = t["head_dim"]
         except AttributeError:  # a derived property (e.g. falcon): it follows hidden_size / heads
             pass
+    if mla_geometry(cfg) is not None and getattr(cfg, "head_dim", None) is not None:
+        cfg.head_dim = _TINY_MLA["qk_rope_head_dim"]  # DeepSeek's rotary embedding sizes itself by head_dim
     for name in ("intermediate_size", "ffn_dim", "n_inner"):
         if getattr(cfg, name, None) is not None:
             setattr(cfg, name, t["intermediate_size"])

@@ -53,8 +53,11 @@ FOOTPRINT_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4")
 
 # ------------------------------------------------------------------------------------ tracing
 def default_dtype(name: str) -> str:
-    """fp32 for the nerfstudio workloads (their torch code is written for it), else fp16."""
-    return "fp32" if workloads.get_workload(name).library == "nerfstudio" else "fp16"
+    """The dtype Chapter 1 analyses a workload in (:func:`cohw_utils.studies.proxies.proxy_set.phase_dtype`:
+    fp32 for the NeRF and splatting workloads, bf16 where published so, else fp16)."""
+    from cohw_utils.studies.proxies.proxy_set import phase_dtype
+
+    return phase_dtype(name)
 
 
 def trace_phase(workload: str, phase: str, *, seq_len: int | None = None, batch: int = 1,

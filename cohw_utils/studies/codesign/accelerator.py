@@ -205,11 +205,14 @@ class Accelerator:
         return "hbm" if self.hbm_bytes > 0 else "sram"
 
     def peak(self, key: str) -> float:
-        """Peak for a dtype key; fp64 falls back to fp32 as in the roofline."""
+        """Peak for a dtype key; fp64 falls back to fp32 as in the roofline, and bf16 to fp16 on a
+        part without bf16 units (a V100 runs a bf16-published model in fp16: same 2 bytes)."""
         if key in self.peak_flops:
             return float(self.peak_flops[key])
         if key == "fp64":
             return float(self.peak_flops["fp32"])
+        if key == "bf16" and "fp16" in self.peak_flops:
+            return float(self.peak_flops["fp16"])
         raise CohwError(f"design {self.name!r} has no {key} peak; it has {', '.join(self.peak_flops)}: "
                         "add it to peak_flops or evaluate the phase in a dtype it has")
 

@@ -106,6 +106,13 @@ class PreparedPhase:
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
+    def is_moe(self) -> bool:
+        """A mixture-of-experts phase (its op table has routed-expert modules): its prefill
+        reads every expert's weights for the few tokens each receives, so unlike a dense
+        prefill it can be bound by memory."""
+        return bool(self.table["module"].str.contains(r"\.experts").any())
+
+    @property
     def native_bits(self) -> int:
         return int(8 * {"fp32": 4, "fp16": 2, "bf16": 2}.get(self.dtype, 2))
 

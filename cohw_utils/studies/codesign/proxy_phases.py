@@ -63,8 +63,10 @@ def trace_proxy_set(names: Iterable[str] | None = None, seq_len: int = 2048, ray
             a = analyze(name, ph, seq_len=seq_len if wl.domain == "llm" else None,
                         dtype=proxies.phase_dtype(name), **kw)
             ops |= priority.op_set(a.table)
+            roof = roofline.roofline_summary(a.table, chip)
             rows.append({"workload": wl.name, "domain": wl.domain, "phase": ph,
-                         "memory_bound_share": roofline.roofline_summary(a.table, chip)["memory_bound_share"]})
+                         f"time_{chip.name}_ms": roof["time_s"] * 1e3, "calls_per_request": wl.calls(ph),
+                         "memory_bound_share": roof["memory_bound_share"]})
             phases.append(prepare(a, kv_in_place=kv_in_place))
         op_sets[wl.name] = ops
     for llm, batch, ctx in llm_variants:

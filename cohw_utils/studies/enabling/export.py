@@ -57,7 +57,7 @@ from cohw_utils.studies.enabling.flatten import PhaseModule, _interface, flatten
 from cohw_utils.studies.enabling.parity import TOLERANCES, Parity, _compare, _run_reference
 
 __all__ = [
-    "ONNX_OPSET", "TINY_SIZES", "Conversion", "build_phase", "ort_session", "convert", "convert_all",
+    "ONNX_OPSET", "TINY_SIZES", "NOT_IN_DEFAULT_PLAN", "Conversion", "build_phase", "ort_session", "convert", "convert_all",
     "fix", "fixable", "plan", "validate_phase_names", "parity_table", "failure_table", "versions",
 ]
 
@@ -78,6 +78,10 @@ def build_phase(workload: str, phase: str, dtype: str = "fp32", device: str = "c
     kw: dict[str, Any] = {}
     if wl.domain == "llm":
         kw["seq_len"] = TINY_SIZES["seq_len"]
+        if phase == "decode" and "cache" in wl.builder.options:
+            # exported with its past K/V as plain tensors of a symbolic length: transformers'
+            # DynamicCache flattens to them (a StaticCache has a fixed length by design)
+            kw["cache"] = "dynamic"
     elif wl.domain in ("vision", "diffusion"):
         kw["batch"] = TINY_SIZES["batch"]
     kw.update(options)
@@ -386,20 +390,32 @@ def fix(conv: Conversion, decompositions: dict | None = None) -> Conversion:
     return _finish(new, decompositions)
 
 
+# Registry workloads the enabling study leaves out of its default plan, with the reason (name them in
+# ``plan(names=...)`` to try them anyway; the build error then names what is missing).
+NOT_IN_DEFAULT_PLAN: dict[str, str] = {
+    "deepseek-v2-lite": "added to the proxy set after this chapter's parity study; its enabling is future work",
+    "llava-1.5-7b": "no tiny CPU build yet for vision-language models",
+    "flux.1-dev": "added to the proxy set after this chapter's parity study; its enabling is future work",
+    "3dgs": "added to the proxy set after this chapter's parity study; its enabling is future work",
+}
+
+
 def plan(names: Iterable[str] | None = None, dtypes: Iterable[str] = ("fp32",)) -> list[tuple[str, str, str]]:
-    """``(workload, phase, dtype)`` for every phase of ``names`` (default: the registry) in
-    every dtype; fp32 only for the float32-only NeRF workloads and for training phases (whose
-    export fails before dtype matters). Unknown names and dtypes raise CohwError."""
+    """``(workload, phase, dtype)`` for every phase of ``names`` (default: the registry, less
+    :data:`NOT_IN_DEFAULT_PLAN`) in every dtype; fp32 only for the float32-only NeRF and
+    splatting workloads and for training phases (whose export fails before dtype matters).
+    Unknown names and dtypes raise CohwError."""
     dts = [dtype_name(d) for d in dtypes]
     bad = [d for d in dts if d not in TOLERANCES]
     if bad:
         raise CohwError(f"no parity tolerance for dtype(s) {bad}; use: {', '.join(TOLERANCES)}")
     out = []
-    for name in (list(names) if names is not None else list(workloads.WORKLOADS)):
+    default = [n for n in workloads.WORKLOADS if n not in NOT_IN_DEFAULT_PLAN]
+    for name in (list(names) if names is not None else default):
         wl = workloads.get_workload(name)
         for ph in wl.phases:
             for d in dts:
-                if d != "fp32" and (wl.library == "nerfstudio" or wl.domain == "text-to-3d"):
+                if d != "fp32" and (wl.library in ("nerfstudio", "gsplat") or wl.domain == "text-to-3d"):
                     continue
                 out.append((wl.name, ph, d))
     return out

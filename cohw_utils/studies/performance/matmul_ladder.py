@@ -57,6 +57,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from cohw_utils.core.device import cpu_has_native_bf16
 from cohw_utils.core.errors import CohwError
 from cohw_utils.spine.measure import Timing, time_callable
 from cohw_utils.core.data import DATA_DIR
@@ -95,6 +96,10 @@ RUNGS: tuple[Rung, ...] = (
 )
 EXTRA = Rung("numpy", "numpy (OpenBLAS) fp32", None, "fp32", "blas", "a second vendor BLAS")
 _BY_KEY = {r.key: r for r in (*RUNGS, EXTRA)}
+
+
+# Size of the bf16 BLAS rung on a CPU without bf16 hardware (emulated bf16 runs near 1 GFLOP/s).
+EMULATED_BF16_N = 512
 
 
 def default_sizes(smoke: bool = False) -> dict[str, int]:
@@ -271,8 +276,15 @@ def run_ladder(peaks: dict[str, float], sizes: dict[str, int] | None = None, rep
         if rung is None:
             raise CohwError(f"unknown rung '{key}'; known: {', '.join(_BY_KEY)}")
         reps = repeats_python if rung.size == "python" else repeats
-        rows.append(measure_rung(key, sizes[rung.size], repeats=reps,
-                                 warmup=0 if rung.size == "python" else 1))
+        n = sizes[rung.size]
+        emulated = rung.dtype == "bf16" and not cpu_has_native_bf16()
+        if emulated:  # ~1 GFLOP/s: a 4096^3 bf16 GEMM would take minutes per repeat
+            n = min(n, EMULATED_BF16_N)
+        row = measure_rung(key, n, repeats=reps, warmup=0 if rung.size == "python" else 1)
+        if emulated:
+            row["method"] += (f"; this CPU has no native bf16 (no AVX512-BF16/AMX), so torch emulates it: "
+                              f"measured at n={n} and scaled to 4096 by n^3")
+        rows.append(row)
     df = pd.DataFrame(rows)
     ladder = df["rung"] != "numpy"
     base = df.loc[ladder, "gflops"].iloc[0]

@@ -178,8 +178,10 @@ def llama_slice(phase: str = "prefill", batch: int = 1, seq_len: int = 512, widt
         raise CohwError(f"width must be 'full' or 'small', got {width!r}")
     _check_size(batch=batch, seq_len=seq_len)
     path = slice_config(**(SMALL_LLAMA if width == "small" else {}))
+    # profiled decode steps reuse one set of inputs, so the cache grows a token per call: transformers'
+    # own DynamicCache (what generate() uses by default), not the fixed-length static cache
     built = workloads.build(str(path), scale="full", device=device, dtype=dtype, batch=batch,
-                            seq_len=seq_len, prefill_logits="last", seed=seed)
+                            seq_len=seq_len, prefill_logits="last", seed=seed, cache="dynamic")
     ph = built.phase(phase)
     hidden = built.config.hidden_size
     return Block(f"llama-2-7b layer {phase}", built.model, ph.make_inputs, ph.run,

@@ -6,11 +6,14 @@ intensity, FLOPs per unit of work, and the roofline time and memory-bound share 
 accelerator (:mod:`cohw_utils.views.roofline`). :func:`criteria` turns that into the four ranking
 criteria of :mod:`cohw_utils.studies.proxies.ranking`.
 
-Assumptions: inference phases in fp16 (the LLMs, Stable Diffusion and the vision models are
-served in half precision) and the NeRF workloads in fp32 (their nerfstudio torch
-implementation); batch 1; LLM phases with a context of ``seq_len`` tokens; NeRF phases on
-``rays`` rays. A workload's memory-bound share is the mean over its phases, each phase
-weighted equally (one prefill and one decode step count the same).
+Assumptions: inference phases in half precision (fp16, or bf16 for the models published in
+bf16: DeepSeek-V2-Lite, FLUX.1-dev) and the NeRF and Gaussian-splatting workloads in fp32
+(their nerfstudio / gsplat torch implementations); batch 1; LLM phases with a context of ``seq_len`` tokens; NeRF phases on
+``rays`` rays. A workload's memory-bound share is that of its time per *request*: each phase's
+roofline time times the calls one request makes of it (``Workload.calls_per_request``: one LLM
+answer is one prefill and as many decode steps as output tokens; one Stable Diffusion image is two
+text encodes, 50 denoising steps and one VAE decode), so a VAE decode weighs one fiftieth of the
+denoising loop, not as much as it.
 
 Used by Chapters 1 and 5 (the proxy set).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import pandas as pd
+import torch
 
 from cohw_utils.studies.proxies import ranking as priority
 from cohw_utils import workloads
@@ -30,8 +34,12 @@ from cohw_utils.spine.optable import totals
 
 
 def phase_dtype(name: str) -> str:
-    """Dtype a workload is analysed in: fp32 for the nerfstudio workloads, else fp16."""
-    return "fp32" if workloads.get_workload(name).library == "nerfstudio" else "fp16"
+    """Dtype a workload is analysed in: fp32 for the NeRF and Gaussian-splatting workloads (their
+    torch implementations), bf16 where the model is published in bf16 (DeepSeek, FLUX), else fp16."""
+    wl = workloads.get_workload(name)
+    if wl.library in ("nerfstudio", "gsplat"):
+        return "fp32"
+    return "bf16" if wl.default_dtype == torch.bfloat16 else "fp16"
 
 
 def overview(names: Iterable[str] | None = None, hw: str | Hardware = "H100-SXM",
@@ -59,7 +67,7 @@ def overview(names: Iterable[str] | None = None, hw: str | Hardware = "H100-SXM"
                 "parameters": a.parameters, "weight_bytes": a.weight_bytes,
                 "flops": t["flops"], "bytes_moved": t["bytes_moved"], "intensity": t["intensity"],
                 "units": a.units, "unit": a.unit_name, "flops_per_unit": t["flops"] / a.units,
-                "uncosted_ops": t["uncosted_ops"],
+                "uncosted_ops": t["uncosted_ops"], "calls_per_request": wl.calls(phase),
                 f"time_{chip.name}_ms": roof["time_s"] * 1e3,
                 "memory_bound_share": roof["memory_bound_share"],
             })
@@ -79,5 +87,20 @@ def criteria(table: pd.DataFrame, op_sets: dict[str, set[str]],
             f"no trend/demand judgement for {missing}; add rows to data/proxy_criteria.csv")
     f = j.loc[names, ["trend", "demand"]].copy()
     f["novelty"] = priority.novelty(op_sets).reindex(names)
-    f["memory_bound"] = table.groupby("workload")["memory_bound_share"].mean().reindex(names)
+    f["memory_bound"] = request_memory_bound_share(table).reindex(names)
     return f
+
+
+def request_memory_bound_share(table: pd.DataFrame) -> pd.Series:
+    """Per workload, the memory-bound share of the roofline time of one request:
+    ``sum(calls x time x share) / sum(calls x time)`` over its phases (see the module docstring).
+
+    ``table`` is :func:`overview`'s; a table without ``calls_per_request`` counts each phase once.
+    """
+    time_cols = [c for c in table.columns if c.startswith("time_") and c.endswith("_ms")]
+    if len(time_cols) != 1:
+        raise CohwError(f"expected one time_<chip>_ms column in the overview table, found {time_cols}")
+    calls = table["calls_per_request"] if "calls_per_request" in table else 1
+    t = table[time_cols[0]] * calls
+    weighted = (t * table["memory_bound_share"]).groupby(table["workload"]).sum()
+    return (weighted / t.groupby(table["workload"]).sum()).rename("memory_bound")
