@@ -229,4 +229,4 @@ def _out_cache(out):
         v = getattr(out, name, None)
         if v is not None:
             return v
-    raise CohwError("the model returned no KV cache; does its architecture support use_cache=True?")
+    raise CohwError("the model returned no cache (KV or recurrent state); does its architecture support use_cache=True?")

@@ -35,7 +35,7 @@ import torch
 from cohw_utils.core.errors import CohwError, ConfigError
 from cohw_utils.workloads.base import Built, Phase
 from cohw_utils.workloads.helpers import _construct, _generator, _no_grad, _randint, _randn
-from cohw_utils.workloads.hf_config import load_hf_config
+from cohw_utils.workloads.hf_config import _out_cache, load_hf_config
 from cohw_utils.workloads.llm import DEFAULT_SEQ_LEN  # 512, the LLM phases' default; capped by each config
 
 
@@ -137,14 +137,6 @@ def _cache_kw(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _cache_of(out):
-    for name in ("cache", "past_key_values"):
-        v = getattr(out, name, None)
-        if v is not None:
-            return v
-    raise CohwError("the model returned no cache; does its architecture support use_cache=True?")
-
-
 def _vocab(config, decoder: bool = False) -> int:
     """The (decoder's, with ``decoder``) vocabulary size, also for composite configs
     (``EncoderDecoderConfig`` keeps it in its encoder and decoder sub-configs)."""
@@ -180,7 +172,7 @@ def _encoder_decoder_phases(model, device, batch, vocab, target_len, encoder_inp
                   "decoder_input_ids": _randint(vocab, (batch, target_len), device, gen)}
             if meta:
                 kw["decoder_attention_mask"] = _causal_mask(batch, target_len, target_len, device)
-            cache = _cache_of(model(**kw))  # self-attention K/V of target_len tokens + cross K/V
+            cache = _out_cache(model(**kw))  # self-attention K/V of target_len tokens + cross K/V
         step = {"encoder_outputs": enc, "decoder_input_ids": _randint(vocab, (batch, 1), device, gen),
                 cache_kw: cache, "use_cache": True}
         if meta:
@@ -494,7 +486,7 @@ def _build_vision_language(wl, scale, device, dtype, batch, seq_len, *, config_p
 
     def decode_inputs():
         _, kw = prefill_inputs(last=True)
-        cache = _cache_of(run(**kw))
+        cache = _out_cache(run(**kw))
         gen = _generator(device, seed + 2)
         step = _randint(vocab - 1, (batch, 1), device, gen)
         step = step + (step >= image_token).long()

@@ -22,6 +22,7 @@ state does not grow) for :func:`fig_kv_vs_context`.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -75,8 +76,6 @@ def _config_of(source: str):
     p = Path(cfg_path)
     if (p / "config.json").is_file():
         p = p / "config.json"
-    import json
-
     data = json.loads(p.read_text())
     return None if "_class_name" in data else workloads.load_hf_config(p)
 
