@@ -1,4 +1,5 @@
-"""Command line: ``python -m cohw_utils analyze WORKLOAD_OR_CONFIG [options]``.
+"""Command line: ``python -m cohw_utils analyze WORKLOAD_OR_CONFIG [options]`` and
+``python -m cohw_utils predict MODEL --hardware NAME [--batch B --input-len I --output-len O]``.
 
 ``WORKLOAD_OR_CONFIG`` is a registry name (``python -m cohw_utils list``) or a path to any
 config.json (or the folder holding one) that :func:`cohw_utils.spine.analyze.analyze` builds:
@@ -28,6 +29,11 @@ block is its ``cache`` key, ``None`` without one), made strictly JSON-serialisab
 lists, numpy scalars Python numbers, a non-finite float (the intensity of a phase that moves no
 bytes) ``null``. Bad input prints one line on stderr naming the problem and the fix, and exits
 with status 2.
+
+``predict`` prints TTFT, TPOT, end-to-end latency and output tokens/s of ``batch`` requests of a
+decoder LM on one chip (:func:`cohw_utils.studies.validation.predict.predict_request`): calibrated
+on the ledger by default, ``--ideal`` for the 100%-of-spec roofline, with its assumptions listed.
+An unknown hardware name, impossible lengths or a model that does not fit exit 2 with one line.
 
 The command-line form of Chapters 1-2's summary view (README: `analyze`); Chapter 2's cache and
 FLOP-convention discussion is what the cache block and the two FLOP lines print.
@@ -83,6 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="meta", help="meta (default, no weights), cpu or cuda")
     a.add_argument("--strict", action="store_true", help="fail on the first op with no cost rule")
     a.add_argument("--json", action="store_true", help="print JSON instead of text")
+    r = sub.add_parser("predict", help="predict TTFT, TPOT, latency and tokens/s of LLM requests on one chip")
+    r.add_argument("workload", help="registry name, a config folder under cohw_utils/data/configs, or a "
+                                    "path to a decoder LM's config.json")
+    r.add_argument("--hardware", required=True, help="a name in cohw_utils/data/hardware.csv (e.g. H100-SXM)")
+    r.add_argument("--batch", type=_positive_int, default=1, help="concurrent sequences (default 1)")
+    r.add_argument("--input-len", type=_positive_int, default=128, help="prompt tokens (default 128)")
+    r.add_argument("--output-len", type=_positive_int, default=128, help="generated tokens (default 128)")
+    r.add_argument("--dtype", default="fp16", help="activation dtype traced: fp16 (default) or bf16")
+    r.add_argument("--weights", default=None, help="weight format: fp16, bf16, int8-wo, int4-wo-g32, "
+                                                  "int4-wo-g128, fp8, int8 (default: --dtype)")
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument("--calibrated", dest="calibrated", action="store_true", default=True,
+                      help="efficiencies fitted on the ledger (default)")
+    mode.add_argument("--ideal", dest="calibrated", action="store_false",
+                      help="100%% of spec, unfused bytes, no overhead")
+    r.add_argument("--json", action="store_true", help="print JSON instead of text")
     sub.add_parser("list", help="list the proxy workloads")
     return p
 
@@ -212,6 +234,26 @@ def _print_text(t: dict) -> None:
               + ", ".join(f"{op} x{n}" for op, n in t["uncosted"].items()))
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from cohw_utils.studies.validation.predict import predict_request
+    p = predict_request(args.workload, args.hardware, batch=args.batch, input_len=args.input_len,
+                        output_len=args.output_len, dtype=args.dtype, weight_fmt=args.weights,
+                        calibrated=args.calibrated)
+    d = _jsonable(p.as_dict())
+    if args.json:
+        print(json.dumps(d, indent=2, allow_nan=False))
+        return 0
+    print(f"{args.workload} on {p.hardware}: batch {p.batch}, {p.input_len} in / {p.output_len} out ({p.mode})")
+    print(f"  TTFT                {d['ttft_ms']:,.2f} ms")
+    print(f"  TPOT                {d['tpot_ms']:,.3f} ms")
+    print(f"  end-to-end latency  {d['latency_ms']:,.1f} ms")
+    print(f"  output tokens/s     {p.tokens_per_s:,.1f}  (all {p.batch} sequences)")
+    print("  assumptions:")
+    for a in p.assumptions:
+        print(f"    - {a}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status
     (0, or :data:`EXIT_BAD_INPUT` after one line on stderr)."""
@@ -224,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from cohw_utils.workloads import list_workloads
             print(list_workloads().to_string(index=False))
             return 0
+        if args.command == "predict":
+            return _predict(args)
         from cohw_utils.spine.analyze import analyze
         result = analyze(args.workload, args.phase, batch=args.batch, seq_len=args.seq_len,
                          dtype=args.dtype, scale=args.scale, device=args.device, strict=args.strict)

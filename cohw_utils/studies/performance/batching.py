@@ -15,8 +15,9 @@ workload's published dtype (fp16 for Llama-2 and Stable Diffusion, fp32 for NeRF
 batch size, and timed per op with :func:`cohw_utils.views.roofline.predict_times` on each
 accelerator of ``hardware.csv``. With :meth:`cohw_utils.views.roofline.EfficiencyModel.ideal` that
 is the roofline (every op at max(FLOPs / peak, bytes / bandwidth), ops one after another,
-unfused, no launch overhead): a lower bound on latency, which fused kernels (flash
-attention, fused norms) can beat only on their memory term.
+unfused, no launch overhead): an estimate that assumes unfused traffic to DRAM at 100% of the spec
+sheet, not a lower bound (fused kernels keep intermediates on chip and can beat it). With the
+ledger's ``calibration`` (Chapter 4.5) it is the calibrated prediction, the chapter's default.
 
 Used by Chapter 4.3 (latency and throughput).
 """
@@ -113,13 +114,16 @@ def trace_full_scale(workload: str, phase: str, batch: int, dtype: str | None = 
 
 
 def predict(workload: str, phase: str, batches, hardware: list, model=None,
-            seq_len: int | None = None, tables: dict | None = None, **options) -> pd.DataFrame:
+            seq_len: int | None = None, tables: dict | None = None, calibration=None,
+            **options) -> pd.DataFrame:
     """Predicted latency and throughput per (accelerator, batch): one row each, columns
     workload, phase, hardware, batch, units, unit, latency_ms, throughput,
     memory_bound_share (of the predicted time). ``hardware``: names in ``hardware.csv`` or
     :class:`~cohw_utils.hardware.Hardware` objects (e.g. this machine's, from the probe). ``model``: an
-    :class:`~cohw_utils.views.roofline.EfficiencyModel` (default: the ideal roofline). ``tables``,
-    if given, caches the traced op tables by (workload, phase, batch)."""
+    :class:`~cohw_utils.views.roofline.EfficiencyModel` (default: the ideal roofline), or
+    ``calibration``, a :class:`~cohw_utils.views.predictor.Calibration` (the ledger's fit, Chapter
+    4.5): each chip then gets its vendor's efficiencies and per-step overhead. ``tables``, if
+    given, caches the traced op tables by (workload, phase, batch)."""
     from cohw_utils.hardware import get_hardware
     from cohw_utils.views.roofline import EfficiencyModel, predict_times
 
@@ -133,15 +137,16 @@ def predict(workload: str, phase: str, batches, hardware: list, model=None,
             cache[key] = trace_full_scale(workload, phase, b, seq_len=seq_len, **options)
         table = cache[key]
         for hw in hws:
-            t = predict_times(table, hw, model)
-            total = float(t["time"].sum())
+            m, overhead = calibration.efficiency_model(hw) if calibration is not None else (model, 0.0)
+            t = predict_times(table, hw, m)
+            total = float(t["time"].sum()) + overhead
             mem = float(t.loc[t["bound"] == "memory", "time"].sum())
             rows.append({"workload": workload, "phase": phase, "hardware": hw.name, "batch": b,
                          "units": table.attrs["units"], "unit": table.attrs["unit"],
                          "latency_ms": 1e3 * total, "throughput": table.attrs["units"] / total,
                          "memory_bound_share": mem / total if total else np.nan})
     df = pd.DataFrame(rows)
-    df.attrs["model"] = model.source
+    df.attrs["model"] = calibration.source if calibration is not None else model.source
     return df
 
 
