@@ -462,3 +462,24 @@ def check_pareto(answer: Iterable[str], points: pd.DataFrame, columns: Sequence[
     if miss:
         msg.append(f"missing {miss}: nothing dominates {'it' if len(miss) == 1 else 'them'}")
     return Verdict(False, "; ".join(msg))
+
+
+def check_calibrated_tpot(workload: str, hardware: str, context: int, answer: float, dtype: str = "fp16") -> Verdict:
+    """Chapter 4.5: the calibrated time per output token (seconds) of ``workload`` decoding at batch
+    1 and ``context`` on ``hardware``, by hand: bytes per token (weights less the embedding table,
+    plus the KV cache; Chapter 4.1's closed form) over the calibrated bandwidth, plus the
+    calibration's per-step overhead. Within 3%: the traced step also moves activations."""
+    from cohw_utils.studies.performance import mbu
+    from cohw_utils.views.predictor import load_calibration
+
+    hw = _hardware(hardware)
+    p = load_calibration().for_vendor(hw.vendor)
+    bpt = mbu.bytes_per_token(workload, dtype, context)
+    expected = bpt / (p["bandwidth"] * hw.mem_bw) + p["step_overhead_s"]
+    v = compare(answer, expected, f"calibrated batch-1 TPOT of {workload} on {hw.name} at context {context} (s)", 0.03)
+    if not v.ok and _is_number(answer) and abs(float(answer) / (bpt / hw.mem_bw) - 1) < 0.03:
+        return Verdict(False, v.message + " That is the ideal roofline: divide by the calibrated fraction of "
+                       "bandwidth and add the per-step overhead.")
+    if not v.ok and _is_number(answer) and abs(float(answer) / (1e3 * expected) - 1) < 0.03:
+        return Verdict(False, f"that is milliseconds ({float(answer):.3f}); answer in seconds ({expected:.5f})")
+    return v

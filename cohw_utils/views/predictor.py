@@ -219,16 +219,18 @@ class Calibration:
         """The four parameters that apply to a chip of ``vendor``."""
         return {k: float(v) for k, v in self.params.get(vendor, self.params["*"]).items()}
 
-    def efficiency_model(self, hw: Hardware) -> tuple[EfficiencyModel, float]:
-        """The :class:`EfficiencyModel` and per-step overhead (s) this calibration gives ``hw``."""
-        p = self.for_vendor(hw.vendor)
+    def efficiency_model(self, hw: Hardware | str) -> tuple[EfficiencyModel, float]:
+        """The :class:`EfficiencyModel` and per-step overhead (s) this calibration gives ``hw``
+        (a :class:`Hardware`, or a vendor name such as ``'*'`` for a hypothetical design)."""
+        vendor = hw if isinstance(hw, str) else hw.vendor
+        p = self.for_vendor(vendor)
         contraction = {g: p["compute"] for g in (GEMM, CONV, ATTENTION)}
         bw = {g: p["bandwidth"] for g in (GEMM, CONV, ATTENTION)}
         # fusion 0 (all traffic on chip) is a legal fit; cap the rate at 1e6 x instead of /0
         scale = p["bandwidth"] / max(p["fusion"], 1e-6)
         bw.update({g: scale for g in _NON_CONTRACTION})
         model = EfficiencyModel(compute=contraction, bandwidth=bw,
-                                source=f"calibration ({hw.vendor}): {self.source}")
+                                source=f"calibration ({vendor}): {self.source}")
         return model, p["step_overhead_s"]
 
     def to_json(self) -> str:
