@@ -118,7 +118,8 @@ def predict(workload: str, phase: str, batches, hardware: list, model=None,
             **options) -> pd.DataFrame:
     """Predicted latency and throughput per (accelerator, batch): one row each, columns
     workload, phase, hardware, batch, units, unit, latency_ms, throughput,
-    memory_bound_share (of the predicted time). ``hardware``: names in ``hardware.csv`` or
+    memory_bound_share (of the predicted op time, the fixed per-step overhead of a calibration
+    excluded), overhead_ms (that overhead; 0 for an efficiency model). ``hardware``: names in ``hardware.csv`` or
     :class:`~cohw_utils.hardware.Hardware` objects (e.g. this machine's, from the probe). ``model``: an
     :class:`~cohw_utils.views.roofline.EfficiencyModel` (default: the ideal roofline), or
     ``calibration``, a :class:`~cohw_utils.views.predictor.Calibration` (the ledger's fit, Chapter
@@ -139,12 +140,14 @@ def predict(workload: str, phase: str, batches, hardware: list, model=None,
         for hw in hws:
             m, overhead = calibration.efficiency_model(hw) if calibration is not None else (model, 0.0)
             t = predict_times(table, hw, m)
-            total = float(t["time"].sum()) + overhead
+            ops = float(t["time"].sum())
+            total = ops + overhead
             mem = float(t.loc[t["bound"] == "memory", "time"].sum())
             rows.append({"workload": workload, "phase": phase, "hardware": hw.name, "batch": b,
                          "units": table.attrs["units"], "unit": table.attrs["unit"],
                          "latency_ms": 1e3 * total, "throughput": table.attrs["units"] / total,
-                         "memory_bound_share": mem / total if total else np.nan})
+                         "memory_bound_share": mem / ops if ops else np.nan,
+                         "overhead_ms": 1e3 * overhead})
     df = pd.DataFrame(rows)
     df.attrs["model"] = calibration.source if calibration is not None else model.source
     return df
