@@ -2,7 +2,7 @@
 
     python benchmarks/capture_gpu.py                 # all captures, into cohw_utils/data/gpu/
     python benchmarks/capture_gpu.py --only ops      # just the per-op timings
-    python benchmarks/capture_gpu.py --device cpu --out-dir /tmp/x --only ops   # test the script here
+    python benchmarks/capture_gpu.py --device cpu --out-dir _build/gpu-test --only ops --quick   # test the script here
 
 Runs, each in its own process with a time limit (a capture that fails or runs out of time is
 recorded as such in ``capture_log.json`` and the others still run):

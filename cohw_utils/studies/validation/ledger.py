@@ -33,12 +33,12 @@ from cohw_utils.core.data import read_table
 from cohw_utils.core.errors import CohwError, DataFileError
 from cohw_utils.hardware import Hardware, load_hardware
 from cohw_utils.spine.costs import CONTRACTION, VIEW
-from cohw_utils.views.predictor import BOUNDS, PARAMS, WEIGHT_FORMATS, Calibration, decode_context, request_prediction
+from cohw_utils.views.predictor import BOUNDS, PARAMS, WEIGHT_FORMATS, Calibration
 from cohw_utils.views.roofline import op_times
 
 __all__ = ["LEDGER_COLUMNS", "PREDICTED_METRICS", "load_ledger", "row_coverage", "RowTimes", "row_times",
            "all_row_times", "pick_rows", "predicted_value", "regime", "fit_calibration", "ledger_errors",
-           "error_summary", "ledger_report", "load_peers", "prediction_for_row", "fig_predicted_vs_measured"]
+           "error_summary", "ledger_report", "load_peers", "fig_predicted_vs_measured"]
 
 LEDGER_COLUMNS = ("id", "split", "task", "source", "table_figure", "model", "config", "hardware", "vendor", "devices",
                   "parallelism", "framework", "dtype", "format", "batch", "input_len", "output_len",
@@ -280,13 +280,6 @@ PEER_COLUMNS = ("tool", "claim", "error_value", "error_unit", "error_kind", "wha
 def load_peers(path: str | None = None) -> pd.DataFrame:
     """Other predictors' published accuracy (``data/predictor_peers.csv``, each claim read in its source)."""
     return read_table(path or "predictor_peers.csv", PEER_COLUMNS, keep_default_na=False)
-
-
-def prediction_for_row(rt: RowTimes, calibration: Calibration):
-    """The :class:`~cohw_utils.views.predictor.RequestPrediction` of a covered row (for prose)."""
-    b, i, o = rt.shape
-    return request_prediction(rt.tables[0], rt.tables[1], rt.hw, batch=b, input_len=i, output_len=o,
-                              calibration=calibration, weight_fmt="fp16")
 
 
 def fig_predicted_vs_measured(errors: pd.DataFrame):
