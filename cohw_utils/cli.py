@@ -105,8 +105,37 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--ideal", dest="calibrated", action="store_false",
                       help="100%% of spec, unfused bytes, no overhead")
     r.add_argument("--json", action="store_true", help="print JSON instead of text")
+    w = sub.add_parser("sweep", help="costs (and step times on a chip) of one phase over a grid of shapes, "
+                                     "from the phase's cost function")
+    w.add_argument("workload", help="registry name, a config folder under cohw_utils/data/configs, or a config path")
+    w.add_argument("--phase", default="decode", help="phase (default decode)")
+    w.add_argument("--batch", type=_grid_arg, default=[1], help="batch sizes: 1,2,4 or a range 1:64 (default 1)")
+    w.add_argument("--seq-len", type=_grid_arg, default=None,
+                   help="lengths (prompt for prefill, context for decode): 128,1024 or 1:4096:64")
+    w.add_argument("--image-size", type=_grid_arg, default=None, help="image sizes of a diffusion phase")
+    w.add_argument("--dtype", default="fp16", help="traced dtype (default fp16)")
+    w.add_argument("--hardware", default=None, help="also time each step on this chip (hardware.csv name)")
+    w.add_argument("--weights", default=None, help="weight format for the step times (see predict)")
+    w.add_argument("--ideal", action="store_true", help="ideal roofline times instead of the calibration")
+    w.add_argument("--csv", default=None, help="write the table to this CSV file instead of printing it")
     sub.add_parser("list", help="list the proxy workloads")
     return p
+
+
+def _grid_arg(text: str) -> list[int]:
+    """``1,2,4`` or ``lo:hi[:step]`` (inclusive) -> the positive integers."""
+    try:
+        if ":" in text:
+            parts = [int(x) for x in text.split(":")]
+            lo, hi, step = (parts + [1])[:3] if len(parts) in (2, 3) else (0, 0, 0)
+            values = list(range(lo, hi + 1, step)) if step > 0 else []
+        else:
+            values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers as 1,2,4 or lo:hi[:step], got '{text}'")
+    return values
 
 
 def _fmt(n: float | int | None) -> str:
@@ -238,7 +267,7 @@ def _predict(args: argparse.Namespace) -> int:
     from cohw_utils.studies.validation.predict import predict_request
     p = predict_request(args.workload, args.hardware, batch=args.batch, input_len=args.input_len,
                         output_len=args.output_len, dtype=args.dtype, weight_fmt=args.weights,
-                        calibrated=args.calibrated)
+                        calibrated=args.calibrated, cost_function=True)
     d = _jsonable(p.as_dict())
     if args.json:
         print(json.dumps(d, indent=2, allow_nan=False))
@@ -251,6 +280,40 @@ def _predict(args: argparse.Namespace) -> int:
     print("  assumptions:")
     for a in p.assumptions:
         print(f"    - {a}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import itertools
+
+    import numpy as np
+    import pandas as pd
+
+    from cohw_utils.spine.phase_costs import load_cached, phase_cost_function
+    opts = {"prefill_logits": "last"} if args.phase == "prefill" else {}
+    cf = load_cached(args.workload, args.phase, args.dtype, **opts) or phase_cost_function(
+        args.workload, args.phase, args.dtype, **opts)
+    axes = {"batch": args.batch, "seq_len": args.seq_len, "image_size": args.image_size}
+    for name in cf.names:
+        if axes.get(name) is None:
+            raise CohwError(f"the {args.phase} cost function of {args.workload} takes {', '.join(cf.names)}: give "
+                            f"--{name.replace('_', '-')}")
+    pts = np.array(list(itertools.product(*[axes[n] for n in cf.names])), dtype=np.int64)
+    tot = cf.totals(pts, ("flops", "flops_effective", "bytes_read", "bytes_written"))
+    out = pd.DataFrame(pts, columns=list(cf.names))
+    out["flops"], out["flops_effective"] = tot[:, 0], tot[:, 1]
+    out["bytes_moved"] = tot[:, 2] + tot[:, 3]
+    out["exact"] = cf.exact_at(pts)
+    if args.hardware:
+        from cohw_utils.hardware import get_hardware
+        from cohw_utils.views.predictor import Calibration, load_calibration, sweep_seconds
+        cal = Calibration.ideal() if args.ideal else load_calibration()
+        out["step_ms"] = 1e3 * sweep_seconds(cf, pts, get_hardware(args.hardware), cal, args.weights)
+    if args.csv:
+        out.to_csv(args.csv, index=False)
+        print(f"wrote {len(out):,} rows to {args.csv}")
+    else:
+        print(out.to_string(index=False))
     return 0
 
 
@@ -268,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "predict":
             return _predict(args)
+        if args.command == "sweep":
+            return _sweep(args)
         from cohw_utils.spine.analyze import analyze
         result = analyze(args.workload, args.phase, batch=args.batch, seq_len=args.seq_len,
                          dtype=args.dtype, scale=args.scale, device=args.device, strict=args.strict)

@@ -47,11 +47,12 @@ from cohw_utils.core.data import DATA_DIR
 from cohw_utils.core.errors import CohwError, DataFileError
 from cohw_utils.hardware import Hardware
 from cohw_utils.spine.costs import CONTRACTION, ELEMENTWISE, NORMALIZATION, DATA_MOVEMENT, OTHER
-from cohw_utils.views.roofline import ATTENTION, CONV, GEMM, EfficiencyModel, predict_times
+from cohw_utils.spine.costfn import CostFunction
+from cohw_utils.views.roofline import ATTENTION, CONV, GEMM, VIEW, EfficiencyModel, _peak_for, op_group, predict_times
 
 __all__ = ["WeightFormat", "WEIGHT_FORMATS", "weight_format", "apply_weight_format", "Calibration",
            "load_calibration", "CALIBRATION_FILE", "phase_seconds", "RequestPrediction",
-           "request_prediction", "decode_context"]
+           "request_prediction", "decode_context", "sweep_seconds", "formatted"]
 
 CALIBRATION_FILE = DATA_DIR / "calibration.json"
 
@@ -269,6 +270,51 @@ def phase_seconds(table: pd.DataFrame, hw: Hardware, calibration: Calibration | 
                         "rules in cohw_utils.spine.costs")
     model, overhead = (calibration or Calibration.ideal()).efficiency_model(hw)
     return float(predict_times(table, hw, model)["time"].sum()) + overhead
+
+
+_FORMATTED: dict[tuple[int, str], CostFunction] = {}
+
+
+def formatted(cf: CostFunction, fmt: str) -> CostFunction:
+    """``cf`` with weight format ``fmt`` applied (:func:`apply_weight_format` on its exact tables,
+    refitted: :meth:`~cohw_utils.spine.costfn.CostFunction.map_tables`); kept in memory."""
+    f = weight_format(fmt)
+    if f.weight_bits == 16 and f.act_bits is None:
+        return cf
+    key = (id(cf), fmt)
+    if key not in _FORMATTED:
+        if len(_FORMATTED) > 32:
+            _FORMATTED.clear()
+        _FORMATTED[key] = cf.map_tables(lambda t: apply_weight_format(t, f), f"weights {fmt}")
+    return _FORMATTED[key]
+
+
+def sweep_seconds(cf: CostFunction, points, hw: Hardware, calibration: Calibration | None = None,
+                  weight_fmt: str | None = None) -> np.ndarray:
+    """Seconds of one step at each of ``points`` (an (n, n_vars) array of the cost function's
+    variables), vectorized: the same model as :func:`phase_seconds` of the table at each point
+    (per-kind roofline under the calibration's efficiencies, plus its step overhead), evaluated
+    from the cost function's coefficients in float64 (rounding ~1e-16 relative)."""
+    if weight_fmt is not None:
+        cf = formatted(cf, weight_fmt)
+    model, overhead = (calibration or Calibration.ideal()).efficiency_model(hw)
+    pts = np.atleast_2d(np.asarray(points, dtype=np.int64))
+    out = np.zeros(len(pts))
+    for box, sel, vals in cf.per_box(pts, ("flops", "bytes_read", "bytes_written")):
+        kt = box.kind_table()
+        if not kt["costed"].all():
+            missing = sorted(set(kt.loc[~kt["costed"].astype(bool), "op"]))
+            raise CohwError(f"cannot time a table with uncosted ops ({', '.join(missing[:5])}); add cost "
+                            "rules in cohw_utils.spine.costs")
+        groups = [op_group(o, c) for o, c in zip(kt["op"], kt["op_class"])]
+        params = [model.params(g) for g in groups]
+        peak = np.array([_peak_for(hw, c, d) for c, d in zip(kt["op_class"], kt["dtype"])], dtype=float)
+        e = np.array([p[0] for p in params]) * peak
+        b = np.array([p[1] for p in params]) * hw.mem_bw
+        t0 = np.array([0.0 if g == VIEW else p[2] for g, p in zip(groups, params)])
+        t = t0 + np.maximum(vals[:, :, 0] / e, (vals[:, :, 1] + vals[:, :, 2]) / b)  # (n, kinds)
+        out[sel] = t @ kt["count"].to_numpy(dtype=float) + overhead
+    return out
 
 
 # ============================================================================================

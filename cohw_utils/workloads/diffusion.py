@@ -133,5 +133,6 @@ def _build_sd15(wl, scale, device, dtype, batch, seq_len, *, image_size=None, gu
         "vae_decode": Phase("vae_decode", vae_inputs, _no_grad(vae_run), batch, "image",
                             description=f"VAE decoder, latent {lat}x{lat} -> image {image_size}x{image_size}"),
     }
-    config = {"text_encoder": te_cfg, "unet": unet.config, "vae": vae.config, "image_size": image_size}
+    config = {"text_encoder": te_cfg, "unet": unet.config, "vae": vae.config, "image_size": image_size,
+              "image_size_multiple": _vae_scale(vae_cfg) * _unet_multiple(unet_cfg)}
     return Built(wl, scale, device, dtype, model, config, phases)

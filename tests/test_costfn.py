@@ -1,0 +1,146 @@
+"""Cost functions (:mod:`cohw_utils.spine.costfn`, :mod:`cohw_utils.spine.phase_costs`): exact against
+direct traces at shapes the build never traced, for a hand-countable layer, a dense LLM, a
+sliding-window LLM, a mixture of experts and the SD UNet; the disk cache; bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cohw_utils.core.errors import CohwError
+from cohw_utils.hardware import get_hardware
+from cohw_utils.spine import phase_costs
+from cohw_utils.spine.analyze import analyze
+from cohw_utils.spine.costfn import QUANTITIES, Variable, build_cost_function
+from cohw_utils.spine.trace import trace
+from cohw_utils.views.predictor import apply_weight_format, load_calibration, phase_seconds, sweep_seconds
+
+GEMMA = "cohw_utils/data/configs/gemma-3-1b-it/config.json"
+MIXTRAL = "cohw_utils/data/configs/mixtral-8x7b-v0.1"
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("COHW_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _traced(cf, point) -> set:
+    return {p for b in cf.boxes for p in (*b.fitted, *b.checked)}
+
+
+def _assert_matches(cf, point, table, quantities=QUANTITIES):
+    """The function's exact table equals the direct trace row by row at ``point``."""
+    assert tuple(point) not in _traced(cf, point), "pick a shape the build did not trace"
+    mine = cf.table_at(point)
+    assert len(mine) == len(table)
+    assert list(mine["op"]) == list(table["op"])
+    assert list(mine["input_shapes"]) == list(table["input_shapes"])
+    for q in quantities:
+        pd.testing.assert_series_equal(mine[q].astype(float), table[q].astype(float), check_names=False)
+    got = cf.totals_exact(point)
+    for q in quantities:
+        assert got[q] == table.loc[table["costed"], q].sum()
+
+
+def test_linear_layer_by_hand():
+    lin = torch.nn.Linear(16, 32, device="meta")
+
+    def at(p):
+        x = torch.empty(p["batch"], p["seq_len"], 16, device="meta")
+        with torch.no_grad():
+            return trace(lin, x, model=lin)
+
+    cf = build_cost_function(at, [Variable("batch"), Variable("seq_len", hi=512, degree=2)])
+    assert cf.exact
+    for b, t in ((7, 301), (1, 1), (64, 512)):
+        tot = cf.totals_exact((b, t))
+        assert tot["flops"] == 2 * b * t * 16 * 32  # FLOPs = 2 x MACs of the GEMM (bias add fused in addmm)
+        assert tot["macs"] == b * t * 16 * 32
+    vals = cf.totals(np.array([[3, 5], [9, 100]]), ("flops",))
+    assert vals[:, 0].tolist() == [2 * 3 * 5 * 512, 2 * 9 * 100 * 512]
+
+
+def test_dense_llm_prefill_exact_at_new_shapes():
+    cf = phase_costs.phase_cost_function("llama-2-7b", "prefill", "fp16", scale="tiny")
+    assert cf.exact
+    for point in ((5, 77), (13, 1000), (1, 333)):
+        ref = analyze("llama-2-7b", "prefill", batch=point[0], seq_len=point[1], dtype="fp16", scale="tiny").table
+        _assert_matches(cf, point, ref)
+
+
+def test_sliding_window_prefill_and_decode_exact_both_sides_of_the_window():
+    for phase in ("prefill", "decode"):
+        cf = phase_costs.phase_cost_function(GEMMA, phase, "fp16", scale="tiny")
+        assert cf.exact, [(b.lo, b.note) for b in cf.boxes]
+        assert any(b.lo[1] == 512 for b in cf.boxes)  # the window (512) starts a box
+        for point in ((3, 300), (6, 700)):
+            ref = analyze(GEMMA, phase, batch=point[0], seq_len=point[1], dtype="fp16", scale="tiny").table
+            _assert_matches(cf, point, ref)
+
+
+def test_moe_decode_bytes_exact_and_sort_comparisons_flagged():
+    cf = phase_costs.phase_cost_function(MIXTRAL, "decode", "fp16", scale="tiny")
+    # tiny Mixtral: 4 experts, 2 per token -> every expert is touched from batch 2 on
+    assert 2 in cf.variables[0].breakpoints
+    point = (9, 411)
+    ref = analyze(MIXTRAL, "decode", batch=9, seq_len=411, dtype="fp16", scale="tiny").table
+    got = cf.totals_exact(point)
+    for q in ("bytes_read", "bytes_written", "macs"):
+        assert got[q] == ref.loc[ref["costed"], q].sum()
+    flops = ref.loc[ref["costed"], "flops"].sum()
+    box = cf.boxes[int(cf.box_index([point])[0])]
+    if not box.exact:  # the routing sort's n log2 n comparisons are not a polynomial
+        assert "aten.sort.default" in box.note and not cf.exact_at([point])[0]
+        assert abs(got["flops"] - flops) / flops < 1e-4
+    else:
+        assert got["flops"] == flops
+    one = cf.boxes[int(cf.box_index([(1, 100)])[0])]
+    assert one.exact  # batch 1 routes 2 tokens-x-experts: one box of its own, exact
+    ref1 = analyze(MIXTRAL, "decode", batch=1, seq_len=100, dtype="fp16", scale="tiny").table
+    _assert_matches(cf, (1, 100), ref1)
+
+
+def test_sd_unet_step_exact_in_batch_and_image_size():
+    cf = phase_costs.phase_cost_function("sd-1.5", "unet_step", "fp16", scale="tiny")
+    assert cf.names == ("batch", "image_size") and cf.exact
+    step = cf.variables[1].step
+    point = (3, 7 * step)
+    ref = analyze("sd-1.5", "unet_step", batch=3, image_size=7 * step, dtype="fp16", scale="tiny").table
+    _assert_matches(cf, point, ref)
+
+
+def test_disk_cache_round_trip_and_no_second_build(monkeypatch):
+    cf = phase_costs.phase_cost_function("llama-2-7b", "decode", "fp16", scale="tiny")
+    cached = phase_costs.load_cached("llama-2-7b", "decode", "fp16", scale="tiny")
+    assert cached is not None
+    pd.testing.assert_frame_equal(cached.table_at((4, 99)), cf.table_at((4, 99)))
+    monkeypatch.setattr("cohw_utils.spine.costfn.build_cost_function",
+                        lambda *a, **k: pytest.fail("built again despite the cache"))
+    again = phase_costs.phase_cost_function("llama-2-7b", "decode", "fp16", scale="tiny")
+    assert again.totals_exact((2, 10)) == cf.totals_exact((2, 10))
+    assert phase_costs.load_cached("llama-2-7b", "decode", "bf16", scale="tiny") is None
+
+
+def test_sweep_seconds_equals_phase_seconds_of_the_table():
+    cf = phase_costs.phase_cost_function("llama-2-7b", "decode", "fp16", scale="tiny")
+    hw, cal = get_hardware("H100-SXM"), load_calibration()
+    pts = np.array([[1, 10], [16, 2000], [5, 333]])
+    for fmt in ("fp16", "int4-wo-g128", "fp8-kv8"):
+        fast = sweep_seconds(cf, pts, hw, cal, fmt)
+        slow = [phase_seconds(apply_weight_format(cf.table_at(tuple(p)), fmt), hw, cal) for p in pts]
+        np.testing.assert_allclose(fast, slow, rtol=1e-12)
+    assert len(set(sweep_seconds(cf, pts, hw, cal))) == 3
+
+
+def test_bad_points_name_the_range():
+    cf = phase_costs.phase_cost_function("llama-2-7b", "decode", "fp16", scale="tiny")
+    top = cf.variables[1].hi
+    with pytest.raises(CohwError, match="outside this cost function's range"):
+        cf.totals([[1, top + 1]])
+    with pytest.raises(CohwError, match="outside"):
+        cf.table_at((0, 5))
+    with pytest.raises(CohwError, match="2 columns"):
+        cf.totals([[1, 2, 3]])
+    with pytest.raises(CohwError, match="no phase"):
+        phase_costs.phase_variables("llama-2-7b", "unet_step")
