@@ -144,3 +144,19 @@ def test_bad_points_name_the_range():
         cf.totals([[1, 2, 3]])
     with pytest.raises(CohwError, match="no phase"):
         phase_costs.phase_variables("llama-2-7b", "unet_step")
+
+
+def test_cli_sweep_writes_the_grid_and_refuses_bad_input(tmp_path, capsys):
+    from cohw_utils.cli import EXIT_BAD_INPUT, main
+    out = tmp_path / "grid.csv"
+    assert main(["sweep", "tinyllama-1.1b", "--phase", "decode", "--batch", "1,3", "--seq-len", "16:48:16",
+                 "--hardware", "H100-SXM", "--csv", str(out)]) == 0
+    grid = pd.read_csv(out)
+    assert len(grid) == 6 and grid["exact"].all() and (grid["step_ms"] > 0).all()
+    row = grid[(grid["batch"] == 3) & (grid["seq_len"] == 32)].iloc[0]
+    ref = analyze(phase_costs.resolve_model("tinyllama-1.1b"), "decode", batch=3, seq_len=32, dtype="fp16").table
+    assert row["flops"] == ref.loc[ref["costed"], "flops"].sum()
+    assert main(["sweep", "tinyllama-1.1b", "--batch", "0,2", "--seq-len", "16"]) == EXIT_BAD_INPUT
+    assert main(["sweep", "tinyllama-1.1b", "--batch", "2"]) == EXIT_BAD_INPUT  # decode needs --seq-len
+    err = capsys.readouterr().err
+    assert "positive integers" in err and "--seq-len" in err

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from cohw_utils.core.errors import CohwError
 
@@ -57,6 +56,8 @@ class Timing:
 def synchronize(device: str) -> None:
     """Wait for the device's queued kernels (CUDA); a no-op on the CPU."""
     if device.startswith("cuda"):
+        import torch  # only where there is a GPU to wait for
+
         torch.cuda.synchronize()
 
 

@@ -29,6 +29,10 @@ Semantics
   a failing check on a box's lower edge (code that branches at batch 1 or length 1) splits that
   edge off as its own box and refits; any other failure leaves the box marked not exact, with its
   largest relative difference in total FLOPs and bytes (``Box.max_rel_diff``).
+* **Known non-polynomial rows.** The comparison counts of sorts (``n log2 n``, :mod:`cohw_utils.spine.costs`)
+  are not polynomials: a mixture of experts sorts its routed tokens, so its boxes past batch 1 are
+  marked not exact with a FLOP difference of ~1e-5 (bytes and every other row exact); callers that
+  need exact numbers there (``predict``) trace such a shape directly.
 * **What "exact" claims.** Equal to a direct trace at every shape the build traced (fit and check
   points); between them it rests on each row's costs being polynomials of the stated degrees
   inside a box -- true of dense, latent, windowed and MoE attention and of convolutions on a

@@ -128,13 +128,9 @@ from cohw_utils.hardware.specs import DEFAULT_SECTOR_BYTES
 aten = torch.ops.aten
 OpPacket = torch._ops.OpOverloadPacket
 
-CONTRACTION = "contraction"
-NORMALIZATION = "normalization"
-ELEMENTWISE = "element-wise"
-DATA_MOVEMENT = "data movement"
-VIEW = "view"
-OTHER = "other"
-OP_CLASSES = (CONTRACTION, NORMALIZATION, ELEMENTWISE, DATA_MOVEMENT, VIEW, OTHER)
+# the class names live in core (torch-free) and are re-exported here, where the rules assign them
+from cohw_utils.core.opclasses import (CONTRACTION, DATA_MOVEMENT, ELEMENTWISE, NORMALIZATION,  # noqa: E402,F401
+                                       OP_CLASSES, OTHER, VIEW)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from cohw_utils.spine.costs import OP_CLASSES, VIEW
+from cohw_utils.core.opclasses import OP_CLASSES, VIEW
 
 _SUMS = ["flops", "flops_effective", "macs", "bytes_read", "bytes_written"]
 

@@ -46,7 +46,7 @@ import pandas as pd
 from cohw_utils.core.data import DATA_DIR
 from cohw_utils.core.errors import CohwError, DataFileError
 from cohw_utils.hardware import Hardware
-from cohw_utils.spine.costs import CONTRACTION, ELEMENTWISE, NORMALIZATION, DATA_MOVEMENT, OTHER
+from cohw_utils.core.opclasses import CONTRACTION, ELEMENTWISE, NORMALIZATION, DATA_MOVEMENT, OTHER
 from cohw_utils.spine.costfn import CostFunction
 from cohw_utils.views.roofline import ATTENTION, CONV, GEMM, VIEW, EfficiencyModel, _peak_for, op_group, predict_times
 

@@ -25,18 +25,19 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
-from cohw_utils.spine.costs import CONTRACTION, DATA_MOVEMENT, ELEMENTWISE, NORMALIZATION, OTHER, VIEW
+from cohw_utils.core.opclasses import CONTRACTION, DATA_MOVEMENT, ELEMENTWISE, NORMALIZATION, OTHER, VIEW
 from cohw_utils.core.dtypes import dtype_name
 from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import Hardware
 from cohw_utils.spine import optable
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn (a warm CLI call draws none)
+    from matplotlib.figure import Figure
 
 
 def _peak_for(hw: Hardware, op_class: str, dtype: str) -> float:
@@ -447,6 +448,8 @@ def fig_roofline(hw_or_list: Hardware | list[Hardware], points: pd.DataFrame | d
     n = len(chips)
     cols = 1 if n == 1 else min(ncols, n)
     rows = int(np.ceil(n / cols))
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(rows, cols, figsize=(7.5 if n == 1 else 4.3 * cols, 5.2 if n == 1 else 3.6 * rows),
                              squeeze=False)
     lo, hi = 1e-2, 1e4
@@ -478,6 +481,8 @@ def fig_prediction(measured_table: pd.DataFrame, hw: Hardware, model: Efficiency
     line and a +-25% band."""
     rows = _measured_rows(measured_table)
     pred = predict_times(rows, hw, model)
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     meas, p = rows["time_s"].to_numpy(), pred["time"].to_numpy()
     for g in dict.fromkeys(pred["group"]):
