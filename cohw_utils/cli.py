@@ -289,10 +289,9 @@ def _sweep(args: argparse.Namespace) -> int:
     import numpy as np
     import pandas as pd
 
-    from cohw_utils.spine.phase_costs import load_cached, phase_cost_function
+    from cohw_utils.spine.phase_costs import phase_cost_function  # reads the disk cache first
     opts = {"prefill_logits": "last"} if args.phase == "prefill" else {}
-    cf = load_cached(args.workload, args.phase, args.dtype, **opts) or phase_cost_function(
-        args.workload, args.phase, args.dtype, **opts)
+    cf = phase_cost_function(args.workload, args.phase, args.dtype, **opts)
     axes = {"batch": args.batch, "seq_len": args.seq_len, "image_size": args.image_size}
     for name in cf.names:
         if axes.get(name) is None:

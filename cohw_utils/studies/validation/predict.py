@@ -51,7 +51,7 @@ def phase_analysis(model: str, phase: str, batch: int, seq_len: int, dtype: str)
 def phase_function(model: str, phase: str, dtype: str) -> CostFunction:
     """The cost function of ``phase`` (prefill with last-position logits), from the disk cache
     when it is there (torch-free), else built and cached."""
-    return load_cached(model, phase, dtype, **_options(phase)) or phase_cost_function(model, phase, dtype, **_options(phase))
+    return phase_cost_function(model, phase, dtype, **_options(phase))
 
 
 def _table(model: str, phase: str, batch: int, seq_len: int, dtype: str, cost_function: bool) -> pd.DataFrame:
