@@ -3,11 +3,14 @@ direct traces at shapes the build never traced, for a hand-countable layer, a de
 sliding-window LLM, a mixture of experts and the SD UNet; the disk cache; bad input."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from cohw_utils.core.counting import search_comparisons, sort_comparisons, sort_comparisons_array
 from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import get_hardware
 from cohw_utils.spine import phase_costs
@@ -79,26 +82,40 @@ def test_sliding_window_prefill_and_decode_exact_both_sides_of_the_window():
             _assert_matches(cf, point, ref)
 
 
-def test_moe_decode_bytes_exact_and_sort_comparisons_flagged():
+def test_moe_decode_exact_including_the_routing_sort():
     cf = phase_costs.phase_cost_function(MIXTRAL, "decode", "fp16", scale="tiny")
     # tiny Mixtral: 4 experts, 2 per token -> every expert is touched from batch 2 on
-    assert 2 in cf.variables[0].breakpoints
-    point = (9, 411)
-    ref = analyze(MIXTRAL, "decode", batch=9, seq_len=411, dtype="fp16", scale="tiny").table
-    got = cf.totals_exact(point)
-    for q in ("bytes_read", "bytes_written", "macs"):
-        assert got[q] == ref.loc[ref["costed"], q].sum()
-    flops = ref.loc[ref["costed"], "flops"].sum()
-    box = cf.boxes[int(cf.box_index([point])[0])]
-    if not box.exact:  # the routing sort's n log2 n comparisons are not a polynomial
-        assert "aten.sort.default" in box.note and not cf.exact_at([point])[0]
-        assert abs(got["flops"] - flops) / flops < 1e-4
-    else:
-        assert got["flops"] == flops
-    one = cf.boxes[int(cf.box_index([(1, 100)])[0])]
-    assert one.exact  # batch 1 routes 2 tokens-x-experts: one box of its own, exact
-    ref1 = analyze(MIXTRAL, "decode", batch=1, seq_len=100, dtype="fp16", scale="tiny").table
-    _assert_matches(cf, (1, 100), ref1)
+    assert 2 in cf.variables[0].breakpoints and cf.exact
+    for point in ((9, 411), (1, 100)):
+        ref = analyze(MIXTRAL, "decode", batch=point[0], seq_len=point[1], dtype="fp16", scale="tiny").table
+        _assert_matches(cf, point, ref)
+    # the sort of the batch x 2 routed (token, expert) pairs: n log2 n comparisons, by formula
+    box = cf.boxes[int(cf.box_index([(9, 411)])[0])]
+    sorts = [k for k in box.kinds if k["op"].startswith("aten.sort")]
+    assert sorts and all(k["derived"] == ["sort", 0] for k in sorts)
+    tab = cf.table_at((9, 411))
+    row = tab[tab["op"].str.startswith("aten.sort")].iloc[0]
+    assert row["input_shapes"][0] == (18,) and row["flops"] == int(18 * math.log2(18))  # 75
+    vals = cf.totals(np.array([[9, 411]]), ("flops",))
+    assert vals[0, 0] == pytest.approx(float(cf.totals_exact((9, 411))["flops"]), rel=1e-12)
+
+
+def test_moe_prefill_top6_of_64_exact():
+    # DeepSeek-V2-Lite routes each token to 6 of 64 experts: log2(6) per element is irrational, so
+    # neither the top-k nor the sort of tokens x 6 pairs is a polynomial; both come from their formula
+    cf = phase_costs.phase_cost_function("deepseek-v2-lite", "prefill", "fp16", scale="tiny")
+    assert cf.exact
+    for point in ((3, 301), (11, 1234)):
+        ref = analyze("deepseek-v2-lite", "prefill", batch=point[0], seq_len=point[1], dtype="fp16", scale="tiny").table
+        _assert_matches(cf, point, ref)
+
+
+def test_sort_and_search_counts_by_hand():
+    assert sort_comparisons(12, 12) == 43  # 12 log2 12 = 43.02
+    assert sort_comparisons(2 * 64, 64, 6) == int(128 * math.log2(6))  # top-6 of 64, two rows
+    assert sort_comparisons(5, 1) == 5  # at least one comparison per element
+    assert search_comparisons(10, 33) == 60  # ceil(log2 33) = 6 per query
+    assert sort_comparisons_array(np.array([12.0]), np.array([12.0]), np.array([12.0]))[0] == 43
 
 
 def test_sd_unet_step_exact_in_batch_and_image_size():

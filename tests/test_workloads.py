@@ -73,7 +73,14 @@ def test_unknown_workload_lists_known_names():
     msg = str(e.value)
     assert msg.startswith("unknown workload 'gpt-5'; known: llama-2-7b, llama-2-13b, llama-2-70b, sd-1.5, ")
     assert "dreamfusion-sd" in msg and msg.endswith("or pass a path to a Hugging Face config.json")
+    assert "kept configs: bart-large" in msg and "qwen3-30b-a3b" in msg  # the configs kept in the repo
     assert isinstance(e.value, KeyError) and isinstance(e.value, CohwError)
+
+
+def test_a_kept_config_is_found_by_its_folder_name():
+    wl = W.get_workload("qwen3-30b-a3b")  # data/configs/qwen3-30b-a3b, not a registry name
+    assert wl.domain == "llm" and wl.phases == ("prefill", "decode")
+    assert W.get_workload("sdxl-base-1.0/unet").library == "diffusers"
 
 
 def test_missing_config_path_is_unknown_workload(tmp_path):

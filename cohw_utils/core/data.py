@@ -19,7 +19,7 @@ import pandas as pd
 
 from cohw_utils.core.errors import DataFileError
 
-__all__ = ["DATA_DIR", "GPU_DIR", "data_path", "read_table", "load_gpu_capture"]
+__all__ = ["DATA_DIR", "GPU_DIR", "data_path", "config_path", "kept_configs", "read_table", "load_gpu_capture"]
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 GPU_DIR = DATA_DIR / "gpu"
@@ -32,6 +32,23 @@ def data_path(*parts: str | Path) -> Path:
         raise DataFileError(f"cannot read data file {path.relative_to(DATA_DIR.parent)}: it is missing; "
                             "reinstall the package (`make venv`) or restore it from git")
     return path
+
+
+def config_path(key: str | Path) -> Path | None:
+    """The model config file or folder ``key`` names: a path as given, or a config kept under
+    ``data/configs/`` (``qwen3-30b-a3b``, ``sdxl-base-1.0/unet``); None if there is none."""
+    key = str(key).strip()
+    for candidate in (Path(key).expanduser(), DATA_DIR / "configs" / key):
+        if candidate.is_file() or (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
+def kept_configs() -> list[str]:
+    """Names of the model configs kept in ``data/configs`` (each folder with a config.json,
+    ``sdxl-base-1.0/unet`` for a pipeline's parts)."""
+    root = DATA_DIR / "configs"
+    return sorted(p.parent.relative_to(root).as_posix() for p in root.glob("**/config.json"))
 
 
 def read_table(path: str | Path, required: Iterable[str] = (), *, numeric: Iterable[str] = (),

@@ -29,10 +29,11 @@ Semantics
   a failing check on a box's lower edge (code that branches at batch 1 or length 1) splits that
   edge off as its own box and refits; any other failure leaves the box marked not exact, with its
   largest relative difference in total FLOPs and bytes (``Box.max_rel_diff``).
-* **Known non-polynomial rows.** The comparison counts of sorts (``n log2 n``, :mod:`cohw_utils.spine.costs`)
-  are not polynomials: a mixture of experts sorts its routed tokens, so its boxes past batch 1 are
-  marked not exact with a FLOP difference of ~1e-5 (bytes and every other row exact); callers that
-  need exact numbers there (``predict``) trace such a shape directly.
+* **Known non-polynomial rows.** A comparison sort or top-k counts ``log2(min(k, n))`` per element
+  and a binary search ``ceil(log2 n)`` per query (:mod:`cohw_utils.core.counting`): not
+  polynomials, and a mixture of experts sorts its ``tokens x k`` routed pairs. For those ops the
+  fit finds which dimension is sorted (the one the rule's formula reproduces at every fit point)
+  and evaluates the same formula on the row's fitted shapes, so the FLOPs stay exact.
 * **What "exact" claims.** Equal to a direct trace at every shape the build traced (fit and check
   points); between them it rests on each row's costs being polynomials of the stated degrees
   inside a box -- true of dense, latent, windowed and MoE attention and of convolutions on a
@@ -42,7 +43,7 @@ Semantics
 
 The builder takes any ``trace_at(point) -> op table`` callable; :func:`phase_cost_function` is
 the one for a registry workload or config (through :func:`~cohw_utils.spine.analyze.analyze`,
-full scale on ``meta``), cached on disk (:mod:`cohw_utils.spine.costfn_cache`).
+full scale on ``meta``), cached on disk (:mod:`cohw_utils.spine.phase_costs`).
 
 Used by the ``predict`` and ``sweep`` commands, Chapter 4.5's predictor and the benchmarks'
 sweeps (``benchmarks/bench_sweep.py``).
@@ -59,6 +60,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from cohw_utils.core.counting import (search_comparisons, search_comparisons_array, sort_comparisons,
+                                      sort_comparisons_array)
 from cohw_utils.core.errors import CohwError
 
 __all__ = ["Variable", "Box", "CostFunction", "build_cost_function", "QUANTITIES"]
@@ -106,6 +109,70 @@ class Variable:
         starts = [self.lo, *cuts]
         ends: list[int | None] = [c - self.step for c in cuts] + [self.hi]
         return list(zip(starts, ends))
+
+
+# Rows whose FLOPs follow a known non-polynomial formula of their shapes (module docstring). Each
+# formula: candidates(ins, outs) -> specs, and value(ins, outs, spec, exact) with ``ins``/``outs``
+# the row's input/output shapes (ints when exact, float arrays for a vectorized sweep).
+def _sort_candidates(ins: list, outs: list) -> list[tuple[int, ...]]:
+    if not ins or not outs or len(ins[0]) != len(outs[0]):
+        return []
+    return [(d,) for d in range(len(ins[0]))]
+
+
+def _sort_value(ins: list, outs: list, spec: tuple[int, ...], exact: bool):
+    (d,) = spec
+    numel = math.prod(ins[0]) if exact else np.prod(np.stack(ins[0]), axis=0)
+    if exact:
+        return sort_comparisons(numel, ins[0][d], outs[0][d])
+    return sort_comparisons_array(numel, ins[0][d], outs[0][d])
+
+
+def _search_candidates(ins: list, outs: list) -> list[tuple[int, ...]]:
+    return [()] if ins and outs and ins[0] else []
+
+
+def _search_value(ins: list, outs: list, spec: tuple[int, ...], exact: bool):
+    if exact:
+        return search_comparisons(math.prod(outs[0]), ins[0][-1])
+    return search_comparisons_array(np.prod(np.stack(outs[0]), axis=0) if outs[0] else 1.0, ins[0][-1])
+
+
+_FORMULAS: dict[str, tuple[Callable, Callable]] = {
+    "sort": (_sort_candidates, _sort_value),
+    "search": (_search_candidates, _search_value),
+}
+#: aten op (without overload) -> the formula its cost rule uses.
+_DERIVED_OPS = {"aten.sort": "sort", "aten.argsort": "sort", "aten.msort": "sort", "aten.topk": "sort",
+                "aten.searchsorted": "search"}
+
+
+def _split_dims(struct: tuple, dims: Sequence) -> tuple[list, list]:
+    """A row's flat dimensions back into its input and output shapes."""
+    it = iter(dims)
+    ins = [tuple(next(it) for _ in range(r)) for r in struct[0]]
+    outs = [tuple(next(it) for _ in range(r)) for r in struct[1]]
+    return ins, outs
+
+
+def _derive(kind: dict[str, Any], nums_at: list[list]) -> list | None:
+    """``[formula, *spec]`` when ``kind``'s FLOPs (and effective FLOPs) at every fit point are its
+    op's formula of its shapes; None otherwise."""
+    name = _DERIVED_OPS.get(kind["op"].rsplit(".", 1)[0])
+    if name is None:
+        return None
+    candidates, value = _FORMULAS[name]
+    shapes = [_split_dims(kind["struct"], nums[len(QUANTITIES):]) for nums in nums_at]
+    for spec in candidates(*shapes[0]):
+        try:
+            ok = all(nums[0] == nums[1] == value(ins, outs, spec, True) if nums[1] is not None
+                     else nums[0] == value(ins, outs, spec, True)
+                     for nums, (ins, outs) in zip(nums_at, shapes))
+        except (IndexError, ValueError):
+            ok = False
+        if ok:
+            return [name, *spec]
+    return None
 
 
 @dataclass
@@ -163,13 +230,32 @@ class Box:
     def exact_values(self, point: Point) -> list[list[int | Fraction]]:
         mono = [math.prod(x ** int(e) for x, e in zip(point, ex)) for ex in self.exponents]
         out = []
-        for kind in self.numer:
+        for spec, kind in zip(self.kinds, self.numer):
             row = []
             for coeffs in kind:
                 q, r = divmod(sum(c * m for c, m in zip(coeffs, mono)), self.denom)
                 row.append(q if r == 0 else Fraction(q * self.denom + r, self.denom))
+            if spec.get("derived"):
+                name, *args = spec["derived"]
+                ins, outs = _split_dims(spec["struct"], [int(x) for x in row[len(QUANTITIES):]])
+                row[0] = row[1] = _FORMULAS[name][1](ins, outs, tuple(args), True)
             out.append(row)
         return out
+
+    def derived_values(self, mono: np.ndarray, values: np.ndarray, quantities: Sequence[str]) -> np.ndarray:
+        """``values`` (n, kinds, len(quantities)) with the FLOPs of derived kinds (sorts, searches)
+        evaluated by their formula on the fitted shapes at the monomials ``mono`` (n, m)."""
+        targets = [i for i, q in enumerate(quantities) if q in ("flops", "flops_effective")]
+        for k, spec in enumerate(self.kinds):
+            if not spec.get("derived") or not targets:
+                continue
+            name, *args = spec["derived"]
+            dims = np.rint(mono @ self.coefficients()[k, len(QUANTITIES):, :].T)  # (n, dims)
+            ins, outs = _split_dims(spec["struct"], list(dims.T))
+            v = _FORMULAS[name][1](ins, outs, tuple(args), False)
+            for i in targets:
+                values[:, k, i] = v
+        return values
 
 
 @dataclass
@@ -229,7 +315,8 @@ class CostFunction:
             sel = idx == i
             if sel.any():
                 mono = np.prod(pts[sel][:, None, :].astype(float) ** b.exponents[None, :, :], axis=2)  # (n, m)
-                yield b, sel, np.einsum("nm,kqm->nkq", mono, b.coefficients()[:, qi, :])
+                vals = np.einsum("nm,kqm->nkq", mono, b.coefficients()[:, qi, :])
+                yield b, sel, b.derived_values(mono, vals, quantities)
 
     def totals(self, points: Any, quantities: Sequence[str] = ("flops", "bytes_read", "bytes_written")) -> np.ndarray:
         """(n_points, len(quantities)) whole-table sums over costed rows, float64."""
@@ -386,6 +473,10 @@ def _fit_box(box: Box, tables: dict[Point, pd.DataFrame]) -> Box:
             kinds.append({**dict(zip(_ATTRS, attrs)), "struct": struct})
             first.append(r)
         kind_ids[r] = kind_of[sig]
+    for spec, r in zip(kinds, first):
+        derived = _derive(spec, [flat[p][r][2] for p in pts])
+        if derived is not None:
+            spec["derived"] = derived
     n_q = max(len(QUANTITIES) + sum(k["struct"][0]) + sum(k["struct"][1]) for k in kinds)
     a, d = _solve_matrix(box.exponents, pts)
     numer = []

@@ -129,6 +129,7 @@ aten = torch.ops.aten
 OpPacket = torch._ops.OpOverloadPacket
 
 # the class names live in core (torch-free) and are re-exported here, where the rules assign them
+from cohw_utils.core.counting import search_comparisons, sort_comparisons  # noqa: E402
 from cohw_utils.core.opclasses import (CONTRACTION, DATA_MOVEMENT, ELEMENTWISE, NORMALIZATION,  # noqa: E402,F401
                                        OP_CLASSES, OTHER, VIEW)
 
@@ -255,7 +256,7 @@ def _searchsorted(args, kwargs, out):
     # binary search: ceil(log2(n)) comparisons per query
     seq = args[0]
     n = seq.shape[-1] if isinstance(seq, torch.Tensor) and seq.dim() else 1
-    return OTHER, _numel_out(out) * max(1, math.ceil(math.log2(max(n, 2)))), 0, None
+    return OTHER, search_comparisons(_numel_out(out), n), 0, None
 
 
 _SORT_DIM_ARG = {"sort": 1, "argsort": 1, "msort": None, "topk": 2, "kthvalue": 2}
@@ -272,7 +273,7 @@ def _sort_rule(name: str) -> Rule:
         dim = args[pos] if pos is not None and len(args) > pos else kwargs.get("dim", -1 if pos else 0)
         n = x.shape[dim] if x.dim() else 1
         k = args[1] if name in ("topk", "kthvalue") and len(args) > 1 else n
-        return OTHER, int(x.numel() * max(1.0, math.log2(max(min(k, n), 2)))), 0, None
+        return OTHER, sort_comparisons(x.numel(), n, k), 0, None
 
     return rule
 

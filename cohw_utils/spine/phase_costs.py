@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cohw_utils.core.data import DATA_DIR
+from cohw_utils.core.data import config_path
 from cohw_utils.core.errors import CohwError
 from cohw_utils.spine.costfn import Box, CostFunction, Variable, build_cost_function
 
@@ -62,20 +62,11 @@ def resolve_model(model: str) -> str:
     key = str(model).strip()
     if key.lower() in workloads.WORKLOADS:
         return key.lower()
-    found = _config_path(key)
+    found = config_path(key)
     if found is not None:
         return str(found)
     workloads.get_workload(key)  # raises the registry's own one-line error
     return key
-
-
-def _config_path(key: str) -> Path | None:
-    """The config file or folder ``key`` names: as given, under ``cohw_utils/data`` or
-    ``cohw_utils/data/configs``; None if none (torch-free)."""
-    for candidate in (Path(key).expanduser(), DATA_DIR / key, DATA_DIR / "configs" / key):
-        if candidate.is_file() or (candidate / "config.json").is_file():
-            return candidate
-    return None
 
 
 def costfn_cache_dir() -> Path:
@@ -149,7 +140,7 @@ def _versions() -> dict[str, str]:
 
 def _key(model: str, phase: str, dtype: str, scale: str, options: dict[str, Any],
          variables: tuple[Variable, ...] | None) -> str:
-    found = _config_path(str(model).strip())
+    found = config_path(str(model).strip())
     if found is not None:
         ident = hashlib.sha256((found / "config.json" if found.is_dir() else found).read_bytes()).hexdigest()
     else:

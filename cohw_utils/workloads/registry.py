@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cohw_utils.core.data import config_path, kept_configs
 from cohw_utils.core.errors import UnknownWorkloadError
 from cohw_utils.workloads.base import Built, Workload, _workload
 from cohw_utils.workloads.diffusion import _build_sd15
@@ -138,14 +139,14 @@ def list_workloads():
 
 def _unknown(name: str, why: str = "") -> UnknownWorkloadError:
     return UnknownWorkloadError(
-        f"unknown workload '{name}'{why}; known: {', '.join(WORKLOADS)}; "
-        "or pass a path to a Hugging Face config.json"
+        f"unknown workload '{name}'{why}; known: {', '.join(WORKLOADS)}; kept configs: "
+        f"{', '.join(c for c in kept_configs() if c not in WORKLOADS)}; or pass a path to a Hugging Face config.json"
     )
 
 
 def get_workload(name_or_path) -> Workload:
-    """A registered workload by name (case-insensitive), or the workload of a config path (file or
-    folder): :func:`~cohw_utils.workloads.families.config_workload` picks the family (causal LM,
+    """A registered workload by name (case-insensitive), or the workload of a config: a path (file
+    or folder) or the name of one kept in ``data/configs`` (``qwen3-30b-a3b``): :func:`~cohw_utils.workloads.families.config_workload` picks the family (causal LM,
     SSM, hybrid, seq2seq, speech, encoder, vision, dual encoder, vision-language, diffusers) and
     its phases. Unknown names raise :class:`UnknownWorkloadError` listing the known ones; a bad
     config file, or one no family fits, raises :class:`ConfigError`."""
@@ -154,9 +155,10 @@ def get_workload(name_or_path) -> Workload:
     key = str(name_or_path).strip()
     if key.lower() in WORKLOADS:
         return WORKLOADS[key.lower()]
+    found = config_path(key)  # a path, or a config kept in data/configs ("qwen3-30b-a3b")
+    if found is not None:
+        return config_workload(found)
     path = Path(key).expanduser()
-    if path.is_file() or (path.is_dir() and (path / "config.json").is_file()):
-        return config_workload(path)
     if path.is_dir():
         raise _unknown(key, " (a folder with no config.json in it)")
     looks_like_path = key.endswith(".json") or "/" in key or "\\" in key
