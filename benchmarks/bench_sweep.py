@@ -12,7 +12,9 @@ of step times on an H100-SXM under the ledger's calibration (``sweep_seconds``).
 grid points drawn with a fixed seed, each traced directly (``analyze``) and compared with the
 function's exact totals. CLI: wall time of ``python -m cohw_utils predict`` with an empty cache
 directory (cold: traces and builds) and again (warm: reads the cache), in fresh processes
-(int4 weights, so that a 70B model fits one 80 GB chip).
+(int4 weights, so that a 70B model fits one 80 GB chip); and of ``analyze`` (decode, batch 8,
+context 4000): one trace with nothing cached, ``--cost-function`` (builds), then warm, at the same
+and at a new shape.
 
     python benchmarks/bench_sweep.py [--json] [--model llama-2-70b] [--no-cli]
 """
@@ -109,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
             warm2, _ = _cli_wall([*cmd[:-2], "--output-len", "300"], env)
         out["cli_predict"] = {"cold_s": round(cold, 2), "warm_s": round(warm_s, 2), "warm_new_shape_s": round(warm2, 2),
                               "exit_codes": [rc1, rc2]}
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "COHW_CACHE_DIR": tmp}
+            cmd = ["analyze", args.model, "--phase", "decode", "--dtype", "fp16", "--batch", "8", "--seq-len", "4000"]
+            traced, rc0 = _cli_wall(cmd, env)  # nothing cached: one trace
+            cold, rc1 = _cli_wall([*cmd, "--cost-function"], env)  # builds the function
+            warm_s, rc2 = _cli_wall(cmd, env)
+            warm2, _ = _cli_wall([*cmd[:-4], "--batch", "32", "--seq-len", "1500"], env)
+        out["cli_analyze"] = {"trace_s": round(traced, 2), "cold_build_s": round(cold, 2), "warm_s": round(warm_s, 2),
+                              "warm_new_shape_s": round(warm2, 2), "exit_codes": [rc0, rc1, rc2]}
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -122,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     if "cli_predict" in out:
         c = out["cli_predict"]
         print(f"  `predict` CLI wall: cold {c['cold_s']} s, warm {c['warm_s']} s, warm at a new shape {c['warm_new_shape_s']} s")
+        c = out["cli_analyze"]
+        print(f"  `analyze` CLI wall: one trace {c['trace_s']} s, cold with --cost-function {c['cold_build_s']} s, "
+              f"warm {c['warm_s']} s, warm at a new shape {c['warm_new_shape_s']} s")
     return 0
 
 

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="meta", help="meta (default, no weights), cpu or cuda")
     a.add_argument("--strict", action="store_true", help="fail on the first op with no cost rule")
     a.add_argument("--json", action="store_true", help="print JSON instead of text")
+    a.add_argument("--cost-function", action="store_true",
+                   help="build the phase's cost function if it is not cached (slow once), then answer from it; "
+                        "a cached one is used without this flag")
     r = sub.add_parser("predict", help="predict TTFT, TPOT, latency and tokens/s of LLM requests on one chip")
     r.add_argument("workload", help="registry name, a config folder under cohw_utils/data/configs, or a "
                                     "path to a decoder LM's config.json")
@@ -332,10 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _predict(args)
         if args.command == "sweep":
             return _sweep(args)
-        from cohw_utils.spine.analyze import analyze
-        result = analyze(args.workload, args.phase, batch=args.batch, seq_len=args.seq_len,
-                         dtype=args.dtype, scale=args.scale, device=args.device, strict=args.strict)
-        t = _jsonable(result.totals())
+        totals, source = _analysis(args)
+        t = _jsonable(totals)
     except CohwError as err:
         print(f"python -m cohw_utils: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -343,4 +344,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(t, indent=2, allow_nan=False))
     else:
         _print_text(t)
+        print(f"  source: {source}")
     return 0
+
+
+def _analysis(args: argparse.Namespace) -> tuple[dict, str]:
+    """The totals ``analyze`` prints and where they came from: a cached cost function of the phase
+    (exact at this shape, torch-free) when there is one, else a trace (``--cost-function``: build
+    the function first)."""
+    if args.device == "meta" and not args.strict:
+        from cohw_utils.spine import phase_costs
+        kw = dict(batch=args.batch, seq_len=args.seq_len, dtype=args.dtype, scale=args.scale)
+        t = phase_costs.cached_analysis(args.workload, args.phase, **kw)
+        if t is None and args.cost_function:
+            from cohw_utils.core.dtypes import dtype_name
+            from cohw_utils.workloads import get_workload
+            wl = get_workload(phase_costs.resolve_model(args.workload))
+            phase, dtype = args.phase or wl.phases[0], args.dtype or dtype_name(wl.default_dtype)
+            phase_costs.phase_cost_function(args.workload, phase, dtype, scale=args.scale)
+            t = phase_costs.cached_analysis(args.workload, args.phase, **kw)
+        if t is not None:
+            return t, "the phase's cached cost function (exact at this shape: the same numbers as a trace)"
+    elif args.cost_function:
+        raise CohwError("--cost-function needs --device meta and no --strict (cost functions are built on meta)")
+    from cohw_utils.spine.analyze import analyze
+    result = analyze(args.workload, args.phase, batch=args.batch, seq_len=args.seq_len,
+                     dtype=args.dtype, scale=args.scale, device=args.device, strict=args.strict)
+    return result.totals(), f"a trace on {args.device}"

@@ -78,8 +78,14 @@ def test_sliding_window_prefill_and_decode_exact_both_sides_of_the_window():
         assert cf.exact, [(b.lo, b.note) for b in cf.boxes]
         assert any(b.lo[1] == 512 for b in cf.boxes)  # the window (512) starts a box
         for point in ((3, 300), (6, 700)):
-            ref = analyze(GEMMA, phase, batch=point[0], seq_len=point[1], dtype="fp16", scale="tiny").table
-            _assert_matches(cf, point, ref)
+            a = analyze(GEMMA, phase, batch=point[0], seq_len=point[1], dtype="fp16", scale="tiny")
+            _assert_matches(cf, point, a.table)
+            # the whole analysis, the measured cache (sliding layers capped at W) included
+            got = phase_costs.cached_analysis(GEMMA, phase, batch=point[0], seq_len=point[1], dtype="fp16", scale="tiny")
+            assert got == a.totals()
+    # decode's cache reaches the window at context 512 = seq_len 511, one token before its attention
+    # switches path (512): the builder splits that top value off as a box of its own
+    assert any(b.lo[1] == b.hi[1] == 511 for b in cf.boxes)
 
 
 def test_moe_decode_exact_including_the_routing_sort():
@@ -177,3 +183,44 @@ def test_cli_sweep_writes_the_grid_and_refuses_bad_input(tmp_path, capsys):
     assert main(["sweep", "tinyllama-1.1b", "--batch", "2"]) == EXIT_BAD_INPUT  # decode needs --seq-len
     err = capsys.readouterr().err
     assert "positive integers" in err and "--seq-len" in err
+
+
+def test_cli_analyze_answers_from_the_cached_cost_function(capsys):
+    from cohw_utils.cli import main
+    args = ["analyze", "tinyllama-1.1b", "--batch", "3", "--seq-len", "40"]  # its first phase and own dtype
+    assert main([*args, "--json"]) == 0  # nothing cached: a trace
+    traced = capsys.readouterr().out
+    assert main([*args, "--cost-function"]) == 0  # builds the function, answers from it
+    assert "source: the phase's cached cost function" in capsys.readouterr().out
+    assert main([*args, "--json"]) == 0  # now warm without the flag: the same JSON, byte for byte
+    assert capsys.readouterr().out == traced
+    assert main(["analyze", "tinyllama-1.1b", "--phase", "prefill", "--batch", "5", "--seq-len", "77"]) == 0
+    assert "cached cost function" in capsys.readouterr().out  # a new shape, warm
+    assert main(["analyze", "tinyllama-1.1b", "--phase", "decode", "--batch", "5", "--seq-len", "77"]) == 0
+    assert "source: a trace on meta" in capsys.readouterr().out  # no decode function cached
+
+
+def test_layer_prefill_formula_is_the_textbook_count():
+    import sympy
+
+    from cohw_utils.studies.performance import shape_costs
+    lf = shape_costs.layer_formulas("llama-2-7b")
+    B, T = sympy.symbols("B T", positive=True, integer=True)
+    d, f = 4096, 11008  # Llama-2-7B: MHA (d_kv = d), gated MLP
+    assert lf.config == {"hidden": d, "kv_dim": d, "intermediate": f}
+    assert sympy.expand(lf.contraction - (2 * B * T * (4 * d * d + 3 * d * f) + 4 * B * T ** 2 * d)) == 0
+    # causal attention: a flash kernel computes T(T+1)/2 of the T^2 scores
+    assert sympy.expand(lf.contraction_effective - lf.contraction + 2 * B * T * (T - 1) * d) == 0
+    # the formula is the function: equal to the exact totals of the layer's rows at a new shape
+    tab = lf.cost_function.table_at((3, 777))
+    layer = tab[tab["module"].str.startswith("model.layers.0.") & tab["costed"]]
+    assert lf.flops.subs({B: 3, T: 777}) == layer["flops"].sum()
+    with pytest.raises(CohwError, match="quantity must be one of"):
+        lf.cost_function.formula("watts")
+
+
+def test_formula_refuses_a_sorted_row():
+    cf = phase_costs.phase_cost_function(MIXTRAL, "decode", "fp16", scale="tiny")
+    with pytest.raises(CohwError, match="not a polynomial"):
+        cf.formula("flops")
+    assert cf.formula("bytes_read") != 0  # bytes of a sort are a polynomial

@@ -53,10 +53,9 @@ class Analysis:
     active_parameters: int | None = None
     family: str | None = None
 
-    def totals(self) -> dict[str, Any]:
-        """Flat dict of everything the CLI prints (JSON-serialisable)."""
-        t = optable.totals(self.table)
-        out: dict[str, Any] = {
+    def header(self) -> dict[str, Any]:
+        """The fields of :meth:`totals` that do not come from the op table."""
+        return {
             "workload": self.workload, "phase": self.phase, "scale": self.scale,
             "device": self.device, "dtype": self.dtype, "batch": self.batch,
             "seq_len": self.seq_len, "family": self.family, "parameters": self.parameters,
@@ -65,17 +64,13 @@ class Analysis:
             "kv_cache_bytes_at_context": (self.cache.summary()["serving_bytes_at_context"]
                                           if self.cache is not None else None),
             "cache": self.cache.summary() if self.cache is not None else None,
-            "units": self.units, "unit": self.unit_name, **t,
-            "flops_per_unit": t["flops"] / self.units if self.units else None,
-            "uncosted": dict(self.table.attrs.get("uncosted", {})),
-            "by_class": {
-                cls: {"flops": int(r.flops), "bytes_moved": int(r.bytes_moved),
-                      "flops_%": round(float(r["flops_%"]), 3),
-                      "bytes_moved_%": round(float(r["bytes_moved_%"]), 3)}
-                for cls, r in optable.by_class(self.table).iterrows()
-            },
+            "units": self.units, "unit": self.unit_name,
         }
-        return out
+
+    def totals(self) -> dict[str, Any]:
+        """Flat dict of everything the CLI prints (JSON-serialisable):
+        :func:`~cohw_utils.spine.optable.analysis_totals` of :meth:`header` and the table."""
+        return optable.analysis_totals(self.header(), self.table)
 
 
 def _kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int | None:

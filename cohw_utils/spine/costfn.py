@@ -27,8 +27,13 @@ Semantics
 * **Verification.** Every box is traced again at its corners and at ``random_checks`` random
   shapes inside it, and compared row by row, exactly. A box is **exact** when every check agrees;
   a failing check on a box's lower edge (code that branches at batch 1 or length 1) splits that
-  edge off as its own box and refits; any other failure leaves the box marked not exact, with its
-  largest relative difference in total FLOPs and bytes (``Box.max_rel_diff``).
+  edge off as its own box and refits; otherwise the box's top value (a fit point) is split off
+  once per variable (a decode cache reaches a window one token before the attention does); a
+  failure after that leaves the box marked not exact, with its largest relative difference in
+  total FLOPs and bytes (``Box.max_rel_diff``).
+* **Scalars.** Numbers of a trace that are not op rows (``table.attrs["scalars"]``: the tokens a
+  phase processes, its measured cache at the shape) are fitted and checked like a row; the
+  cached ``analyze`` reads them (:func:`~cohw_utils.spine.phase_costs.cached_analysis`).
 * **Known non-polynomial rows.** A comparison sort or top-k counts ``log2(min(k, n))`` per element
   and a binary search ``ceil(log2 n)`` per query (:mod:`cohw_utils.core.counting`): not
   polynomials, and a mixture of experts sorts its ``tokens x k`` routed pairs. For those ops the
@@ -184,7 +189,12 @@ class Box:
     ``struct``, the ranks of its input and output shapes); ``exponents`` (m, n_vars) the monomials;
     ``numer`` [kind][quantity][monomial] integer numerators over ``denom`` (quantities:
     :data:`QUANTITIES`, then the kind's shape dimensions, zero-padded); ``exact`` whether every
-    check agreed; ``fitted`` / ``checked`` the shapes it was solved on / compared at.
+    check agreed; ``fitted`` / ``checked`` the shapes it was solved on / compared at;
+    ``scalar_numer`` the numerators of the trace's integer *scalars* (``table.attrs["scalars"]``:
+    tokens processed, cache bytes at the context...), ``scalar_const`` its other scalars, equal at
+    every traced shape of the box, ``scalar_varying`` the names of those that are neither (a text
+    that quotes the shape): not reproduced, so a caller that needs them traces; ``scalar_names``
+    all of them in the trace's order.
     """
 
     lo: Point
@@ -199,6 +209,10 @@ class Box:
     checked: list[Point] = field(default_factory=list)
     max_rel_diff: float = 0.0
     note: str = ""
+    scalar_numer: dict[str, list[int]] = field(default_factory=dict)
+    scalar_const: dict[str, Any] = field(default_factory=dict)
+    scalar_varying: list[str] = field(default_factory=list)
+    scalar_names: list[str] = field(default_factory=list)
     _float: np.ndarray | None = field(default=None, repr=False)
 
     def contains(self, pts: np.ndarray) -> np.ndarray:
@@ -241,6 +255,15 @@ class Box:
                 row[0] = row[1] = _FORMULAS[name][1](ins, outs, tuple(args), True)
             out.append(row)
         return out
+
+    def scalars_at(self, point: Point) -> dict[str, Any]:
+        """The trace's scalars at ``point``: the integer ones from their polynomials, exactly."""
+        mono = [math.prod(x ** int(e) for x, e in zip(point, ex)) for ex in self.exponents]
+        out = dict(self.scalar_const)
+        for name, coeffs in self.scalar_numer.items():
+            q, r = divmod(sum(c * m for c, m in zip(coeffs, mono)), self.denom)
+            out[name] = q if r == 0 else Fraction(q * self.denom + r, self.denom)
+        return {n: out[n] for n in self.scalar_names if n in out}  # in the trace's order
 
     def derived_values(self, mono: np.ndarray, values: np.ndarray, quantities: Sequence[str]) -> np.ndarray:
         """``values`` (n, kinds, len(quantities)) with the FLOPs of derived kinds (sorts, searches)
@@ -365,7 +388,39 @@ class CostFunction:
         order = [c for c in self.meta.get("columns", []) if c in t.columns] or list(t.columns)
         out = t[order]
         out.attrs.update(b.template.attrs)
+        if b.scalar_numer or b.scalar_const:
+            out.attrs["scalars"] = b.scalars_at(pt)
         return out
+
+    def formula(self, quantity: str = "flops", point: Sequence[int] | dict[str, int] | None = None,
+                rows: Callable[[pd.DataFrame], Any] | None = None, symbols: dict[str, str] | None = None):
+        """The sum of ``quantity`` over the costed rows as a polynomial a reader can read (a sympy
+        expression with exact rational coefficients), in the box holding ``point`` (default: the
+        last box, the general case). ``rows(template) -> boolean mask`` keeps some rows (one layer's
+        module prefix, one operator class); ``symbols`` names the variables (default ``B`` for
+        batch, ``T`` for seq_len, ``S`` for image_size). A derived row (a sort) has no polynomial:
+        asking for its FLOPs raises."""
+        import sympy
+
+        if quantity not in QUANTITIES:
+            raise CohwError(f"quantity must be one of {', '.join(QUANTITIES)}, got {quantity!r}")
+        b = self.boxes[-1] if point is None else self._box_at(point)[0]
+        names = {"batch": "B", "seq_len": "T", "image_size": "S", **(symbols or {})}
+        syms = [sympy.Symbol(names.get(n, n), positive=True, integer=True) for n in self.names]
+        keep = np.ones(len(b.template), dtype=bool) if rows is None else np.asarray(rows(b.template), dtype=bool)
+        counts = np.bincount(b.template["kind"].to_numpy()[keep], minlength=len(b.kinds))
+        q = QUANTITIES.index(quantity)
+        expr = sympy.Integer(0)
+        for k, spec in enumerate(b.kinds):
+            if not counts[k] or not spec["costed"]:
+                continue
+            if spec.get("derived") and quantity in ("flops", "flops_effective"):
+                raise CohwError(f"{spec['op']} counts {spec['derived'][0]} comparisons (not a polynomial): "
+                                "leave its rows out of the formula")
+            poly = sum(sympy.Rational(c, b.denom) * sympy.Mul(*[x ** int(e) for x, e in zip(syms, ex)])
+                       for c, ex in zip(b.numer[k][q], b.exponents) if c)
+            expr += int(counts[k]) * poly
+        return sympy.expand(expr)
 
     def map_tables(self, fn: Callable[[pd.DataFrame], pd.DataFrame], label: str) -> "CostFunction":
         """The cost function of ``fn(table)``: ``fn`` applied to the exact tables at every box's fit
@@ -486,19 +541,47 @@ def _fit_box(box: Box, tables: dict[Point, pd.DataFrame]) -> Box:
             ys = [(v[q] if q < len(v) and v[q] is not None else 0) for v in (flat[p][r][2] for p in pts)]
             cols.append([sum(ai * y for ai, y in zip(arow, ys)) for arow in a])
         numer.append(cols)
-    extra = math.lcm(1, *(x.denominator for kind in numer for col in kind for x in col if isinstance(x, Fraction)))
+    ints, const, varying = _fit_scalars(tables, pts)
+    scal = {n: [sum(ai * y for ai, y in zip(arow, ys)) for arow in a] for n, ys in ints.items()}
+    extra = math.lcm(1, *(x.denominator for kind in numer for col in kind for x in col if isinstance(x, Fraction)),
+                     *(x.denominator for col in scal.values() for x in col if isinstance(x, Fraction)))
     numer = [[[int(x * extra) for x in col] for col in kind] for kind in numer]
+    scal = {n: [int(x * extra) for x in col] for n, col in scal.items()}
     tmpl = template[[c for c in _TEMPLATE if c in template.columns]].copy().reset_index(drop=True)
     tmpl["kind"] = kind_ids
     tmpl.attrs = _plain_attrs(template.attrs)
     return replace(box, template=tmpl, kinds=kinds, numer=numer, denom=d * extra, fitted=pts, exact=True,
-                   checked=[], max_rel_diff=0.0, note="", _float=None)
+                   checked=[], max_rel_diff=0.0, note="", scalar_numer=scal, scalar_const=const,
+                   scalar_varying=varying, scalar_names=list(tables[pts[0]].attrs.get("scalars", {})), _float=None)
+
+
+def _fit_scalars(tables: dict[Point, pd.DataFrame], pts: list[Point]) -> tuple[dict[str, list], dict[str, Any], list[str]]:
+    """The trace's scalars (``attrs["scalars"]``) at the fit points: integer ones as value lists
+    (fitted like a row), the others as constants where equal at every point, else as varying."""
+    per = [tables[p].attrs.get("scalars", {}) for p in pts]
+    names = list(per[0])
+    for p, sc in zip(pts, per):
+        if sorted(sc) != sorted(names):
+            raise CohwError(f"the trace's scalars differ between {pts[0]} and {p} "
+                            f"({sorted(set(names) ^ set(sc))}): add a breakpoint there")
+    ints: dict[str, list] = {}
+    const: dict[str, Any] = {}
+    varying: list[str] = []
+    for n in names:
+        vals = [sc[n] for sc in per]
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in vals):
+            ints[n] = [int(v) for v in vals]
+        elif all(v == vals[0] for v in vals):
+            const[n] = vals[0]
+        else:
+            varying.append(n)
+    return ints, const, varying
 
 
 def _plain_attrs(attrs: dict) -> dict:
     """The op table's attrs that survive JSON (``uncosted`` counts)."""
     return {k: {str(a): (int(b) if isinstance(b, (int, np.integer)) else b) for a, b in v.items()}
-            for k, v in attrs.items() if isinstance(v, dict)}
+            for k, v in attrs.items() if isinstance(v, dict) and k != "scalars"}
 
 
 def _compare(box: Box, point: Point, table: pd.DataFrame, columns: list[str]) -> tuple[float, set[str]] | None:
@@ -510,6 +593,9 @@ def _compare(box: Box, point: Point, table: pd.DataFrame, columns: list[str]) ->
     if len(table) == len(mine) and _signature(table) == _signature(mine):
         pairs = list(zip(_table_rows(mine), _table_rows(table)))
         ops = {a[0][0] for a, b in pairs if a != b}
+        theirs = {k: v for k, v in table.attrs.get("scalars", {}).items() if k not in box.scalar_varying}
+        if mine.attrs.get("scalars", {}) != theirs:
+            ops.add("<scalars>")
         if not ops:
             return None
     got = one.totals_exact(point)
@@ -631,6 +717,16 @@ def build_cost_function(trace_at: Callable[[dict[str, int]], pd.DataFrame], vari
             h1 = tuple(lo[k] if k == edge else hi[k] for k in range(len(hi)))
             l2 = tuple(lo[k] + step if k == edge else lo[k] for k in range(len(lo)))
             todo[:0] = [(lo, h1, split | {edge}), (l2, hi, split | {edge})]
+            continue
+        # a switch at the box's top value (a decode cache reaching a window one token before the
+        # attention does) spoils the fit everywhere, as the top is a fit point: split it off
+        top = next((j for j in range(len(variables)) if failed and -1 - j not in split and hi[j] is not None
+                    and hi[j] > lo[j]), None)
+        if top is not None:
+            step = variables[top].step
+            h1 = tuple(hi[k] - step if k == top else hi[k] for k in range(len(hi)))
+            l2 = tuple(hi[k] if k == top else lo[k] for k in range(len(lo)))
+            todo[:0] = [(lo, h1, split | {-1 - top}), (l2, hi, split | {-1 - top})]
             continue
         boxes.append(box)
     boxes.sort(key=lambda b: b.lo)

@@ -111,3 +111,18 @@ def hotspots(table: pd.DataFrame, by: str = "flops", n: int = 5, depth: int | No
     if by not in ("flops", "flops_effective", "bytes_moved"):
         raise ValueError(f"hotspots(by={by!r}): use 'flops', 'flops_effective' or 'bytes_moved'")
     return by_module(table, depth).nlargest(n, by)
+
+
+def analysis_totals(header: dict, table: pd.DataFrame) -> dict:
+    """What ``python -m cohw_utils analyze`` prints: ``header`` (the analysis' fields that are not
+    the table's: workload, shapes, parameters, the measured cache summary, ``units``...) with the
+    table's :func:`totals`, ``flops_per_unit``, the uncosted ops and the :func:`by_class` shares.
+    Torch-free, so a cached cost function's table gives the same dict as a trace."""
+    t = totals(table)
+    units = header.get("units")
+    return {**header, **t, "flops_per_unit": t["flops"] / units if units else None,
+            "uncosted": dict(table.attrs.get("uncosted", {})),
+            "by_class": {cls: {"flops": int(r.flops), "bytes_moved": int(r.bytes_moved),
+                               "flops_%": round(float(r["flops_%"]), 3),
+                               "bytes_moved_%": round(float(r["bytes_moved_%"]), 3)}
+                         for cls, r in by_class(table).iterrows()}}

@@ -46,7 +46,7 @@ from cohw_utils.core.errors import CohwError
 from cohw_utils.spine.costfn import Box, CostFunction, Variable, build_cost_function
 
 __all__ = ["resolve_model", "phase_variables", "phase_cost_function", "costfn_cache_dir", "load_cached", "save", "load",
-           "kv_bytes_at"]
+           "kv_bytes_at", "cached_analysis"]
 
 _PKG = Path(__file__).resolve().parents[1]
 _LLM_PHASES = {"prefill": 0, "decode": 1}
@@ -138,13 +138,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _key(model: str, phase: str, dtype: str, scale: str, options: dict[str, Any],
-         variables: tuple[Variable, ...] | None) -> str:
+def _ident(model: str) -> str:
+    """What names a model in a cache key: its config file's bytes (hashed), else its registry name."""
     found = config_path(str(model).strip())
     if found is not None:
-        ident = hashlib.sha256((found / "config.json" if found.is_dir() else found).read_bytes()).hexdigest()
-    else:
-        ident = str(model).strip().lower()
+        return hashlib.sha256((found / "config.json" if found.is_dir() else found).read_bytes()).hexdigest()
+    return str(model).strip().lower()
+
+
+def _key(model: str, phase: str, dtype: str, scale: str, options: dict[str, Any],
+         variables: tuple[Variable, ...] | None) -> str:
+    ident = _ident(model)
     blob = json.dumps({"model": ident, "phase": phase, "dtype": dtype, "scale": scale, "options": options,
                        "variables": [vars(v) for v in variables] if variables else None,
                        "code": _source_hash(), "versions": _versions()}, sort_keys=True, default=str)
@@ -180,7 +184,9 @@ def _box_json(b: Box) -> dict[str, Any]:
             "template": {c: t[c].tolist() for c in t.columns}, "attrs": t.attrs,
             "kinds": [{**k, "costed": bool(k["costed"]), "struct": [list(s) for s in k["struct"]]} for k in b.kinds],
             "numer": b.numer, "denom": b.denom, "exact": b.exact, "fitted": [list(p) for p in b.fitted],
-            "checked": [list(p) for p in b.checked], "max_rel_diff": b.max_rel_diff, "note": b.note}
+            "checked": [list(p) for p in b.checked], "max_rel_diff": b.max_rel_diff, "note": b.note,
+            "scalar_numer": b.scalar_numer, "scalar_const": b.scalar_const, "scalar_varying": b.scalar_varying,
+            "scalar_names": b.scalar_names}
 
 
 def _box_from(d: dict[str, Any]) -> Box:
@@ -189,7 +195,9 @@ def _box_from(d: dict[str, Any]) -> Box:
     kinds = [{**k, "struct": tuple(tuple(s) for s in k["struct"])} for k in d["kinds"]]
     return Box(tuple(d["lo"]), tuple(d["hi"]), np.array(d["exponents"], dtype=np.int64).reshape(-1, len(d["lo"])),
                t, kinds, d["numer"], int(d["denom"]), bool(d["exact"]), [tuple(p) for p in d["fitted"]],
-               [tuple(p) for p in d["checked"]], float(d["max_rel_diff"]), d.get("note", ""))
+               [tuple(p) for p in d["checked"]], float(d["max_rel_diff"]), d.get("note", ""),
+               d.get("scalar_numer", {}), d.get("scalar_const", {}), d.get("scalar_varying", []),
+               d.get("scalar_names", []))
 
 
 def save(cf: CostFunction, path: Path) -> None:
@@ -242,6 +250,7 @@ def phase_cost_function(model: str, phase: str, dtype: str = "fp16", *, scale: s
         if "image_size" in point:
             kw["image_size"] = point["image_size"]
         a = analyze(key, phase, batch=batch, seq_len=point.get("seq_len"), dtype=dtype, scale=scale, **kw)
+        a.table.attrs["scalars"] = _flatten(a.header())  # units, the measured cache at this shape...
         if not info:
             info.update(parameters=a.parameters, active_parameters=a.active_parameters, weight_bytes=a.weight_bytes,
                         kv_bytes_per_token=a.kv_bytes_per_token, kv_layers=_kv_layers(a.cache))
@@ -253,4 +262,76 @@ def phase_cost_function(model: str, phase: str, dtype: str = "fp16", *, scale: s
     cf.meta.update(info)
     if use_cache:
         save(cf, path)
+        _save_defaults(model, key, scale)
     return cf
+
+
+# ------------------------------------------------------------------- analyze from the cache
+def _flatten(d: dict[str, Any], prefix: tuple = ()) -> dict[str, Any]:
+    """A nested dict as ``{json path: leaf}`` (the scalars a cost function fits)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, (*prefix, str(k))))
+        else:
+            out[json.dumps([*prefix, str(k)])] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        *path, last = json.loads(key)
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = v
+    return out
+
+
+def _defaults_path(model: str, scale: str) -> Path:
+    return costfn_cache_dir() / f"defaults-{hashlib.sha256(f'{_ident(model)}|{scale}'.encode()).hexdigest()[:16]}.json"
+
+
+def _save_defaults(model: str, key: str, scale: str) -> None:
+    """Record the workload's phases and default dtype, so a warm ``analyze`` with neither given
+    finds its cost function without importing the registry (torch)."""
+    from cohw_utils import workloads
+    from cohw_utils.core.dtypes import dtype_name
+    wl = workloads.get_workload(key)
+    path = _defaults_path(model, scale)
+    path.write_text(json.dumps({"phases": list(wl.phases), "dtype": dtype_name(wl.default_dtype)}))
+
+
+def cached_analysis(model: str, phase: str | None = None, *, batch: int = 1, seq_len: int | None = None,
+                    dtype: str | None = None, scale: str = "full") -> dict[str, Any] | None:
+    """What :meth:`Analysis.totals() <cohw_utils.spine.analyze.Analysis.totals>` of
+    ``analyze(model, phase, batch=..., seq_len=..., dtype=..., scale=...)`` returns, from a cached
+    cost function (its exact table and fitted scalars at that shape) -- torch-free; None when no
+    function is cached, the phase or dtype default is unknown here, or the shape is outside the
+    function's range or in a box that is not exact (the caller then traces)."""
+    if phase is None or dtype is None:
+        path = _defaults_path(model, scale)
+        if not path.is_file():
+            return None
+        d = json.loads(path.read_text())
+        phase, dtype = phase or d["phases"][0], dtype or d["dtype"]
+    cf = load_cached(model, phase, dtype, scale)
+    if cf is None:
+        return None
+    point = {"batch": batch, "seq_len": seq_len}
+    if any(point.get(n) is None for n in cf.names) or seq_len is not None and "seq_len" not in cf.names:
+        return None
+    try:
+        pt = [point[n] for n in cf.names]
+        box = cf.boxes[int(cf.box_index([pt])[0])]
+        if not box.exact or box.scalar_varying:
+            return None
+        table = cf.table_at(pt)
+    except CohwError:
+        return None
+    header = _unflatten(table.attrs.get("scalars", {}))
+    if not header:
+        return None
+    from cohw_utils.spine.optable import analysis_totals
+    return analysis_totals(header, table)

@@ -410,9 +410,9 @@ def _report(built: Built, phase: str, cache, context_hint: int | None) -> CacheR
     if any(la.window for la in kv) and context is not None:
         held_short = [la for la in kv if la.window and context >= la.window and la.positions < la.window]
         if held_short:
-            notes.append(f"sliding layers hold {held_short[0].positions} positions after {context} tokens "
-                         f"(DynamicSlidingWindowLayer keeps W - 1 = {held_short[0].window - 1} between steps); "
-                         "bytes_at caps at W")
+            notes.append(f"sliding layers hold {held_short[0].positions} positions once the context reaches the "
+                         f"window (DynamicSlidingWindowLayer keeps W - 1 = {held_short[0].window - 1} between "
+                         "steps); bytes_at caps at W")
     return CacheReport(
         workload=built.workload.name, phase=phase, scale=built.scale, device=str(built.device),
         dtype=dtype_name(built.dtype), batch=_batch_of(rows), context=context, cache_class=type(cache).__name__,

@@ -18,6 +18,9 @@ is the roofline (every op at max(FLOPs / peak, bytes / bandwidth), ops one after
 unfused, no launch overhead): an estimate that assumes unfused traffic to DRAM at 100% of the spec
 sheet, not a lower bound (fused kernels keep intermediates on chip and can beat it). With the
 ledger's ``calibration`` (Chapter 4.5) it is the calibrated prediction, the chapter's default.
+For a decoder LM's prefill and decode the tables come from the phase's cost function in batch at
+the given length (:func:`batch_cost_function`: a few traces, then exact at every batch), so
+:func:`curve` can draw the prediction at every batch size from 1 to 256, not at a few.
 
 Used by Chapter 4.3 (latency and throughput).
 """
@@ -113,6 +116,70 @@ def trace_full_scale(workload: str, phase: str, batch: int, dtype: str | None = 
     return table
 
 
+_LLM_PHASES = ("prefill", "decode")
+
+
+def batch_cost_function(workload: str, phase: str, seq_len: int, max_batch: int = 256, dtype: str | None = None):
+    """The cost function of an LLM ``phase`` in batch alone, at one ``seq_len`` (prompt for a
+    prefill, context for a decode step), in the workload's published dtype unless given: its
+    batch variable keeps the breakpoints of :func:`~cohw_utils.spine.phase_costs.phase_variables`
+    (experts touched) and is checked up to ``max_batch``. Cached on disk."""
+    from dataclasses import replace
+
+    from cohw_utils import workloads
+    from cohw_utils.core.dtypes import dtype_name
+    from cohw_utils.spine.costfn import Variable
+    from cohw_utils.spine.phase_costs import phase_cost_function, phase_variables
+
+    wl = workloads.get_workload(workload)
+    batch = phase_variables(workload, phase)[0]
+    var = (replace(batch, check_hi=max(batch.check_hi, int(max_batch))),
+           Variable("seq_len", lo=int(seq_len), hi=int(seq_len), degree=0))
+    return phase_cost_function(workload, phase, dtype or dtype_name(wl.default_dtype), variables=var)
+
+
+def _table_at(cf, batch: int, seq_len: int) -> pd.DataFrame:
+    """The cost function's exact table at (batch, seq_len), with the ``units`` and ``unit`` the
+    traced phase reported (fitted scalars)."""
+    table = cf.table_at((batch, seq_len))
+    sc = table.attrs.get("scalars", {})
+    table.attrs["units"], table.attrs["unit"] = sc['["units"]'], sc['["unit"]']
+    return table
+
+
+def curve(workload: str, phase: str, hardware: list, seq_len: int, batches=range(1, 257),
+          calibration=None) -> pd.DataFrame:
+    """Predicted latency and throughput of an LLM phase at every batch in ``batches`` on each chip,
+    vectorized over the cost function (:func:`batch_cost_function`;
+    :func:`~cohw_utils.views.predictor.sweep_seconds` under ``calibration``, default the ideal
+    roofline). Columns workload, phase, hardware, batch, units, unit, latency_ms, throughput."""
+    from cohw_utils.hardware import get_hardware
+    from cohw_utils.views.predictor import sweep_seconds
+
+    batches = [int(b) for b in batches]
+    cf = batch_cost_function(workload, phase, seq_len, max(batches))
+    pts = np.array([[b, seq_len] for b in batches])
+    units = np.array([cf.boxes[i].scalars_at(tuple(p))['["units"]'] for i, p in zip(cf.box_index(pts), pts)], dtype=float)
+    unit = cf.boxes[0].scalars_at(tuple(pts[0]))['["unit"]']
+    rows = []
+    for hw in (h if hasattr(h, "mem_bw") else get_hardware(h) for h in hardware):
+        s = sweep_seconds(cf, pts, hw, calibration)
+        rows.append(pd.DataFrame({"workload": workload, "phase": phase, "hardware": hw.name, "batch": batches,
+                                  "units": units, "unit": unit, "latency_ms": 1e3 * s, "throughput": units / s}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def latency_doubling_batch(curve_df: pd.DataFrame) -> pd.Series:
+    """Per chip of a :func:`curve`: the smallest batch whose step takes at least twice as long as
+    batch 1 (where batching stops being nearly free); NaN if none in the curve."""
+    out = {}
+    for hw, g in curve_df.groupby("hardware", sort=False):
+        g = g.sort_values("batch")
+        slow = g[g["latency_ms"] >= 2 * g["latency_ms"].iloc[0]]
+        out[hw] = int(slow["batch"].iloc[0]) if len(slow) else np.nan
+    return pd.Series(out, name="latency_x2_batch")
+
+
 def predict(workload: str, phase: str, batches, hardware: list, model=None,
             seq_len: int | None = None, tables: dict | None = None, calibration=None,
             **options) -> pd.DataFrame:
@@ -124,7 +191,9 @@ def predict(workload: str, phase: str, batches, hardware: list, model=None,
     :class:`~cohw_utils.views.roofline.EfficiencyModel` (default: the ideal roofline), or
     ``calibration``, a :class:`~cohw_utils.views.predictor.Calibration` (the ledger's fit, Chapter
     4.5): each chip then gets its vendor's efficiencies and per-step overhead. ``tables``, if
-    given, caches the traced op tables by (workload, phase, batch)."""
+    given, caches the traced op tables by (workload, phase, batch). A decoder LM's prefill or
+    decode with a ``seq_len`` and no ``options`` reads its tables from
+    :func:`batch_cost_function` (exact, the same numbers as a trace) instead of tracing each batch."""
     from cohw_utils.hardware import get_hardware
     from cohw_utils.views.roofline import EfficiencyModel, predict_times
 
@@ -132,10 +201,14 @@ def predict(workload: str, phase: str, batches, hardware: list, model=None,
     hws = [h if hasattr(h, "mem_bw") else get_hardware(h) for h in hardware]
     cache = tables if tables is not None else {}
     rows = []
+    cf = None
+    if phase in _LLM_PHASES and seq_len is not None and not options:
+        cf = batch_cost_function(workload, phase, seq_len, max(batches))
     for b in batches:
         key = (workload, phase, b)
         if key not in cache:
-            cache[key] = trace_full_scale(workload, phase, b, seq_len=seq_len, **options)
+            cache[key] = (_table_at(cf, b, seq_len) if cf is not None
+                          else trace_full_scale(workload, phase, b, seq_len=seq_len, **options))
         table = cache[key]
         for hw in hws:
             m, overhead = calibration.efficiency_model(hw) if calibration is not None else (model, 0.0)
@@ -157,6 +230,9 @@ def _batch_axis(ax, values, label: str) -> None:
     from matplotlib.ticker import NullFormatter, NullLocator
 
     ax.set_xscale("log", base=2)
+    values = sorted(values)
+    if len(values) > 12:  # a dense curve: tick the powers of two
+        values = [2 ** k for k in range(int(np.log2(values[-1])) + 1) if 2 ** k >= values[0]]
     ax.set_xticks(list(values), [f"{v:,}" for v in values], fontsize=7)
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel(label)
@@ -166,7 +242,8 @@ def _batch_axis(ax, values, label: str) -> None:
 def fig_batching(measured: dict[str, pd.DataFrame], predicted: dict[str, pd.DataFrame] | None = None):
     """Top row, one panel per measured workload phase on this CPU: latency (red, left axis,
     median with min..max bars) and throughput (blue, right axis) against batch. Bottom row,
-    when given: predicted throughput of the full-scale phases on each accelerator."""
+    when given: predicted throughput of the full-scale phases on each accelerator (a line
+    through every batch for a :func:`curve`, dashed with markers at the traced batches otherwise)."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
@@ -194,7 +271,8 @@ def fig_batching(measured: dict[str, pd.DataFrame], predicted: dict[str, pd.Data
     if predicted:
         for ax, (name, p) in zip(axes[1], predicted.items()):
             for hw, g in p.groupby("hardware", sort=False):
-                ax.plot(g["batch"], g["throughput"], marker=".", ls="--", label=hw)
+                dense = len(g) > 12  # a cost-function curve: every batch, no markers
+                ax.plot(g["batch"], g["throughput"], marker=None if dense else ".", ls="-" if dense else "--", label=hw)
             ax.set(yscale="log", ylabel=f"{p['unit'].iloc[0]}s / s (roofline)")
             _batch_axis(ax, sorted(set(p["batch"])), "rays" if p["unit"].iloc[0] == "ray" else "batch")
             ax.set_title(f"{name}, full scale, predicted", fontsize=9)
