@@ -44,7 +44,7 @@ test: $(STAMP) browser-deps
 	$(PY) tools/check_book_sources.py
 
 probe: $(STAMP)
-	$(PY) -c "from cohw_utils.probe import probe_host; print(probe_host(refresh=True))"
+	$(PY) -c "from cohw_utils.hardware.probe import probe_host; print(probe_host(refresh=True))"
 
 clean:
 	rm -rf _build

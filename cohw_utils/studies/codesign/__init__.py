@@ -17,6 +17,8 @@ areas are mm^2. Modules, lowest first:
 - :mod:`.sweep`: many designs on many phases at once (time, energy, binding resource), grids;
 - :mod:`.pareto`: scores relative to a reference, Pareto fronts, the chosen design, sensitivity;
 - :mod:`.what_if`: hardware features applied alone, and one turn of the loop;
+- :mod:`.shape_plane`: the decode plane (batch x context): when batching can reach the compute
+  roof, from the decode cost function;
 - :mod:`.generations`: compute, bandwidth and capacity across GPU generations;
 - :mod:`.figures`: the chapter's figures;
 - :mod:`.requirements`: the requirements roll-up.
