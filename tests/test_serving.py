@@ -1,0 +1,123 @@
+"""The serving simulator (:mod:`cohw_utils.views.serving`): hand-timed schedules with a constant
+step time, chunked prefill under a token budget, preemption, reserved against paged allocation,
+goodput, the cost-function iteration model, and bad input."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cohw_utils.core.errors import CohwError
+from cohw_utils.views.serving import (CostFunctionIteration, LinearIteration, Request, SchedulerConfig, kv_blocks,
+                                      poisson_requests, simulate)
+
+STEP = LinearIteration(0.010, 0.0)  # every step takes 10 ms, whatever it holds
+
+
+def test_one_request_by_hand():
+    r = simulate([Request(0, 0.5, 16, 4)], STEP, SchedulerConfig(num_blocks=10, block_size=16))
+    row = r.requests.iloc[0]
+    # step 1 (0.50-0.51) prefills 16 tokens and samples token 1; three decodes sample tokens 2-4
+    assert row.ttft_s == pytest.approx(0.010) and row.e2e_s == pytest.approx(0.040)
+    assert row.tpot_s == pytest.approx(0.010)
+    assert r.steps["prefill_tokens"].tolist() == [16, 0, 0, 0] and r.steps["decode_seqs"].tolist() == [0, 1, 1, 1]
+    # the first decode writes token 17: a second block
+    assert r.steps["blocks_used"].tolist() == [1, 2, 2, 2]
+
+
+def test_token_budget_chunks_the_second_prompt():
+    cfg = SchedulerConfig(num_blocks=10, block_size=16, max_batched_tokens=16)
+    r = simulate([Request(0, 0.0, 16, 3), Request(1, 0.0, 16, 3)], STEP, cfg).requests.set_index("id")
+    # step 1: A's 16 prompt tokens; step 2: A decodes (1) + B's first 15; step 3: A + B's last one
+    assert r.loc[0, "ttft_s"] == pytest.approx(0.010) and r.loc[1, "ttft_s"] == pytest.approx(0.030)
+    unchunked = SchedulerConfig(num_blocks=10, block_size=16, max_batched_tokens=16, chunked_prefill=False)
+    r2 = simulate([Request(0, 0.0, 16, 3), Request(1, 0.0, 16, 3)], STEP, unchunked).requests.set_index("id")
+    # without chunking B waits for a step with 16 tokens of budget left: once A has finished (3 steps)
+    assert r2.loc[1, "ttft_s"] == pytest.approx(0.040)
+
+
+def test_preemption_recomputes_and_keeps_the_first_token_time():
+    cfg = SchedulerConfig(num_blocks=4, block_size=16)
+    reqs = [Request(0, 0.0, 16, 40), Request(1, 0.0, 16, 40)]  # each grows to 3-4 blocks: both cannot stay
+    res = simulate(reqs, STEP, cfg)
+    r = res.requests.set_index("id")
+    assert r.loc[0, "preemptions"] == 0 and r.loc[1, "preemptions"] >= 1  # the newer one is evicted
+    assert r.loc[1, "ttft_s"] == pytest.approx(0.010)  # its first token came before the eviction
+    assert res.steps["blocks_used"].max() <= 4
+    assert (r["e2e_s"] > 0).all() and len(r) == 2
+
+
+def test_reserving_max_length_admits_fewer_than_paging():
+    reqs = [Request(i, 0.0, 20, 10) for i in range(8)]
+    paged = simulate(reqs, STEP, SchedulerConfig(num_blocks=16, block_size=16, max_seq_len=64))
+    slab = simulate(reqs, STEP, SchedulerConfig(num_blocks=16, block_size=16, max_seq_len=64, allocation="reserve-max"))
+    exact = simulate(reqs, STEP, SchedulerConfig(num_blocks=16, block_size=16, max_seq_len=64, allocation="reserve-exact"))
+    assert slab.steps["running"].max() == 16 // 4  # 64 tokens = 4 blocks each
+    assert exact.steps["running"].max() == 16 // 2  # 30 tokens = 2 blocks each
+    assert paged.steps["running"].max() == 8
+    assert slab.summary()["e2e_p50_s"] > paged.summary()["e2e_p50_s"]
+
+
+def test_poisson_load_summary_and_goodput():
+    reqs = poisson_requests(20.0, 200, prompt_len=(16, 64), output_len=(8, 32), seed=3)
+    gaps = np.diff([r.arrival_s for r in reqs])
+    assert reqs[0].arrival_s == 0 and abs(gaps.mean() - 1 / 20) < 0.2 / 20  # mean gap 1/rate
+    res = simulate(reqs, LinearIteration(0.002, 2e-5, 1e-7), SchedulerConfig(num_blocks=64, block_size=16))
+    s = res.summary(slo_ttft_s=0.05, slo_tpot_s=0.01)
+    assert s["requests"] == 200 and 0 <= s["slo_met_%"] <= 100
+    assert s["goodput_requests_per_s"] <= s["requests_per_s"]
+    assert s["ttft_p50_s"] <= s["ttft_p90_s"] <= s["ttft_p99_s"]
+    assert s["output_tokens_per_s"] == pytest.approx(res.requests.output_len.sum() / s["span_s"])
+    tight = res.summary(slo_ttft_s=1e-6)
+    assert tight["slo_met_%"] == 0 and tight["goodput_requests_per_s"] == 0
+
+
+def test_linear_iteration_fit_recovers_its_coefficients():
+    import pandas as pd
+    rng = np.random.default_rng(0)
+    steps = pd.DataFrame({"tokens": rng.integers(1, 512, 50), "context": rng.integers(1, 20000, 50)})
+    steps["seconds"] = 0.003 + 4e-5 * steps.tokens + 2e-7 * steps.context
+    m = LinearIteration.fit(steps)
+    assert m.c0 == pytest.approx(0.003) and m.c_token == pytest.approx(4e-5) and m.c_ctx == pytest.approx(2e-7)
+
+
+def test_cost_function_iteration_is_the_predictor_for_pure_steps(tmp_path, monkeypatch):
+    monkeypatch.setenv("COHW_CACHE_DIR", str(tmp_path))
+    from cohw_utils.hardware import get_hardware
+    from cohw_utils.spine.phase_costs import phase_cost_function
+    from cohw_utils.views.predictor import load_calibration, sweep_seconds
+    pre = phase_cost_function("tinyllama-1.1b", "prefill", "fp16", prefill_logits="last")
+    dec = phase_cost_function("tinyllama-1.1b", "decode", "fp16")
+    hw, cal = get_hardware("H100-SXM"), load_calibration()
+    it = CostFunctionIteration(pre, dec, hw, cal)
+    assert it.step_seconds([], [100, 300]) == pytest.approx(sweep_seconds(dec, [[2, 200]], hw, cal)[0])
+    assert it.step_seconds([(128, 0)], []) == pytest.approx(sweep_seconds(pre, [[1, 128]], hw, cal)[0])
+    chunk = it.step_seconds([(64, 64)], [])  # the second half of a 128-token prompt
+    assert chunk == pytest.approx(sweep_seconds(pre, [[1, 128]], hw, cal)[0] - sweep_seconds(pre, [[1, 64]], hw, cal)[0])
+    mixed = it.step_seconds([(128, 0)], [100, 300])
+    assert it.step_seconds([], [100, 300]) < mixed < it.step_seconds([], [100, 300]) + it.step_seconds([(128, 0)], [])
+
+
+def test_bad_input_names_the_problem():
+    with pytest.raises(CohwError, match="positive number of requests per second"):
+        poisson_requests(-1.0, 10)
+    with pytest.raises(CohwError, match="can never fit"):
+        simulate([Request(0, 0.0, 1000, 100)], STEP, SchedulerConfig(num_blocks=8, block_size=16))
+    with pytest.raises(CohwError, match="leaves no memory for a KV cache"):
+        SchedulerConfig(num_blocks=0)
+    with pytest.raises(CohwError, match="allocation must be one of"):
+        SchedulerConfig(num_blocks=4, allocation="contiguous")
+    with pytest.raises(CohwError, match="leave no room for a KV cache"):
+        kv_blocks(80e9, 138e9, 327_680)
+    assert kv_blocks(80e9, 13.5e9, 524_288, 16) == math.floor((72e9 - 13.5e9) / (524_288 * 16))
+
+
+def test_the_real_engine_serves_every_token_and_reports_its_timestamps():
+    from cohw_utils.studies.serving.engine import EngineConfig, serve, small_llama
+    model = small_llama(hidden=128, layers=2, heads=2, vocab=512)
+    out = serve(model, [Request(0, 0.0, 20, 5), Request(1, 0.05, 40, 3)], EngineConfig(num_blocks=16, block_size=16))
+    assert out["tokens"].tolist() == [5, 3]  # end-of-sequence disabled: exactly output_len each
+    assert (out["ttft_s"] > 0).all() and (out["e2e_s"] >= out["ttft_s"]).all() and (out["tpot_s"] > 0).all()
+    with pytest.raises(CohwError, match="at least one request"):
+        serve(model, [])
