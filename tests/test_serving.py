@@ -76,10 +76,19 @@ def test_poisson_load_summary_and_goodput():
 def test_linear_iteration_fit_recovers_its_coefficients():
     import pandas as pd
     rng = np.random.default_rng(0)
-    steps = pd.DataFrame({"tokens": rng.integers(1, 512, 50), "context": rng.integers(1, 20000, 50)})
-    steps["seconds"] = 0.003 + 4e-5 * steps.tokens + 2e-7 * steps.context
-    m = LinearIteration.fit(steps)
-    assert m.c0 == pytest.approx(0.003) and m.c_token == pytest.approx(4e-5) and m.c_ctx == pytest.approx(2e-7)
+    truth = LinearIteration(c0=0.003, c_token=4e-5, c_ctx=2e-7, c_prefill=0.002, c_pair=1e-8)
+    rows = []
+    for _ in range(40):
+        c, p, n = int(rng.integers(0, 300)), int(rng.integers(0, 500)), int(rng.integers(0, 16))
+        c, n = (c, n) if c or n else (1, n)
+        dec = [int(x) for x in rng.integers(1, 1000, n)]
+        rows.append({"prefill": c, "cached": p if c else 0, "decode_seqs": n, "decode_context": float(sum(dec) + n),
+                     "seconds": truth.step_seconds([(c, p if c else 0)] if c else [], dec)})
+    m = LinearIteration.fit(pd.DataFrame(rows))
+    for k in ("c0", "c_token", "c_ctx", "c_prefill", "c_pair"):
+        assert getattr(m, k) == pytest.approx(getattr(truth, k), rel=1e-6), k
+    # by hand: a 128-token prompt alone and one decode reading 10 cached tokens
+    assert truth.step_seconds([(128, 0)], [10]) == pytest.approx(0.003 + 0.002 + 4e-5 * 129 + 2e-7 * 11 + 1e-8 * 128 * 64.5)
 
 
 def test_cost_function_iteration_is_the_predictor_for_pure_steps(tmp_path, monkeypatch):

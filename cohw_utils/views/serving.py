@@ -31,8 +31,9 @@ The loop is written here, not with an event library (simpy): the only events are
 decided by the previous one, so a discrete-event framework would add a dependency and nothing
 else. Time advances by each step's modelled seconds; an idle server jumps to the next arrival.
 
-Iteration models (:class:`IterationModel`): :class:`LinearIteration` (a fitted ``c0 + c1 x
-tokens + c2 x attended context``, for a measured engine) and
+Iteration models (:class:`IterationModel`): :class:`LinearIteration` (fitted to a measured engine:
+a fixed cost, a prefill-path cost, per token, per cached token a decode reads, per query-key pair
+of a prompt chunk) and
 :class:`CostFunctionIteration` (the calibrated predictor of Chapter 4.5 on one chip, from the
 model's prefill and decode cost functions).
 
@@ -149,25 +150,51 @@ class IterationModel(Protocol):
 
 @dataclass(frozen=True)
 class LinearIteration:
-    """``c0 + c_token x (tokens processed) + c_ctx x (context attended, summed over sequences)``
-    seconds per step: a model fitted to a measured engine (:meth:`fit`)."""
+    """Seconds per step, linear in what the step holds (a model fitted to a measured engine,
+    :meth:`fit`)::
+
+        c0 + c_prefill x [a prompt chunk in the step] + c_token x (tokens processed)
+           + c_ctx x (cached tokens the decodes read) + c_pair x (query-key pairs of the prompt chunks)
+
+    Decode attention reads each cached token once (a cost per context token); prefill attention
+    scores every pair of a chunk's queries with the keys before them (``c (p + (c + 1) / 2)`` pairs
+    for a chunk of ``c`` after ``p`` cached). The prefill term is there because engines run steps
+    with a prompt on another code path than pure decode steps (transformers: varlen attention
+    against its decode fast path; vLLM: prefill against decode kernels)."""
 
     c0: float
     c_token: float
     c_ctx: float = 0.0
+    c_prefill: float = 0.0
+    c_pair: float = 0.0
+
+    @staticmethod
+    def features(prefill, decode) -> tuple[float, float, float, float, float]:
+        """(1, has prefill, tokens, decode context, prefill pairs) of a step."""
+        tokens = sum(c for c, _ in prefill) + len(decode)
+        pairs = sum(c * (p + (c + 1) / 2) for c, p in prefill)
+        return 1.0, float(bool(prefill)), float(tokens), float(sum(d + 1 for d in decode)), float(pairs)
 
     def step_seconds(self, prefill, decode) -> float:
-        tokens = sum(c for c, _ in prefill) + len(decode)
-        # attended context: a chunk of c tokens after p cached ones attends p + (c + 1) / 2 on average
-        ctx = sum(c * (p + (c + 1) / 2) for c, p in prefill) + sum(d + 1 for d in decode)
-        return self.c0 + self.c_token * tokens + self.c_ctx * ctx
+        one, pre, tok, ctx, pairs = self.features(prefill, decode)
+        return self.c0 + self.c_prefill * pre + self.c_token * tok + self.c_ctx * ctx + self.c_pair * pairs
 
     @classmethod
     def fit(cls, steps: pd.DataFrame) -> "LinearIteration":
-        """Least squares on measured steps with columns ``tokens``, ``context`` and ``seconds``."""
-        a = np.column_stack([np.ones(len(steps)), steps["tokens"], steps["context"]])
-        coef, *_ = np.linalg.lstsq(a, steps["seconds"].to_numpy(dtype=float), rcond=None)
-        return cls(*(float(c) for c in coef))
+        """Non-negative least squares in *relative* error (each step weighted by 1 / its seconds, so a 2 ms decode
+        step counts as much as a 20 ms prefill) on measured steps with columns ``prefill`` (chunk
+        tokens, 0 for none), ``cached`` (tokens cached before the chunk), ``decode_seqs``,
+        ``decode_context`` (their cached tokens, summed) and ``seconds``. Terms with no data are 0."""
+        y = steps["seconds"].to_numpy(dtype=float)
+        feats = np.array([cls.features([(int(c), int(p))] if c else [], [0] * int(n))
+                          for c, p, n in zip(steps["prefill"], steps["cached"], steps["decode_seqs"])])
+        feats[:, 3] = steps["decode_context"].to_numpy(dtype=float)
+        used = [k for k in range(5) if feats[:, k].any() and not (k == 1 and feats[:, 1].all())]
+        from scipy.optimize import nnls  # costs are not negative: non-negative least squares
+        coef, _ = nnls(feats[:, used] / y[:, None], np.ones(len(y)))
+        c = np.zeros(5)
+        c[used] = coef
+        return cls(c0=float(c[0]), c_prefill=float(c[1]), c_token=float(c[2]), c_ctx=float(c[3]), c_pair=float(c[4]))
 
 
 class CostFunctionIteration:

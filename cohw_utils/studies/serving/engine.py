@@ -11,10 +11,10 @@ same :class:`~cohw_utils.views.serving.Request` list the simulator plays.
   ``e2e_s`` = last token - creation. End-of-sequence is disabled, so every request generates
   exactly its ``output_len`` tokens, as in the simulator.
 * :func:`calibrate`: the step-time model the simulator is fed, fitted on *separate* runs of the
-  same engine (batches submitted at once: N requests of P prompt tokens): each run's decode TPOT
-  is one step of N sequences at their mean context, its TTFT one prefill step of N x P tokens;
-  :meth:`~cohw_utils.views.serving.LinearIteration.fit` solves ``c0 + c_token x tokens + c_ctx x
-  context`` on them. The Poisson run the simulator predicts is never part of the fit.
+  same engine: lone requests per prompt length (their median TTFT is one prefill step) and N requests
+  submitted together (their median TPOT is one decode step of N sequences at their mean
+  context); :meth:`~cohw_utils.views.serving.LinearIteration.fit` solves its five terms on them,
+  in relative error. The Poisson run the simulator predicts is never part of the fit.
 
 Used by Chapter 4.2's serving section and ``benchmarks/bench_serving.py``.
 """
@@ -117,20 +117,27 @@ def serve(model, requests: list[Request], engine: EngineConfig = EngineConfig(),
     return pd.DataFrame(rows)
 
 
-def calibrate(model, engine: EngineConfig = EngineConfig(), batches=(1, 4, 8, 16), prompts=(32, 128),
-              output_len: int = 24) -> tuple[LinearIteration, pd.DataFrame]:
-    """The engine's step-time model from separate runs (module docstring); returns it and the
-    measured points (tokens, context, seconds, kind)."""
+def calibrate(model, engine: EngineConfig = EngineConfig(), prompts=(16, 48, 96, 160, 240),
+              batches=(1, 2, 4, 8, 16, 32), prompt_for_decode=(32, 96, 160), output_len: int = 24,
+              repeats: int = 7) -> tuple[LinearIteration, pd.DataFrame]:
+    """The engine's step-time model from separate runs (module docstring): ``repeats`` lone requests
+    of each prompt length (their median TTFT is one prefill step), and ``batches`` of requests submitted
+    together (their median TPOT is one decode step of that many sequences at their mean context).
+    Returns the model and the measured steps."""
     pts = []
+    for p in prompts:
+        if p > engine.max_batch_tokens:
+            continue
+        # `repeats` lone requests, far enough apart that each finds the engine idle: median TTFT
+        out = serve(model, [Request(i, 0.15 * i, p, 2) for i in range(repeats)], engine)
+        pts.append({"prefill": p, "cached": 0, "decode_seqs": 0, "decode_context": 0.0,
+                    "seconds": float(out["ttft_s"].median())})
     for n in batches:
-        for p in prompts:
-            if n * p > engine.num_blocks * engine.block_size:
+        for p in prompt_for_decode:
+            if n * (p + output_len) > engine.num_blocks * engine.block_size or n > engine.max_requests:
                 continue
             out = serve(model, [Request(i, 0.0, p, output_len) for i in range(n)], engine)
-            if n * p <= engine.max_batch_tokens:  # one prefill step holds every prompt
-                pts.append({"kind": "prefill", "tokens": n * p, "context": n * p * (p + 1) / 2,
-                            "seconds": float(out["ttft_s"].max())})
-            pts.append({"kind": "decode", "tokens": n, "context": n * (p + output_len / 2 + 1),
+            pts.append({"prefill": 0, "cached": 0, "decode_seqs": n, "decode_context": n * (p + output_len / 2),
                         "seconds": float(out["tpot_s"].median())})
     steps = pd.DataFrame(pts)
     return LinearIteration.fit(steps), steps
