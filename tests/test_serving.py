@@ -130,3 +130,23 @@ def test_the_real_engine_serves_every_token_and_reports_its_timestamps():
     assert (out["ttft_s"] > 0).all() and (out["e2e_s"] >= out["ttft_s"]).all() and (out["tpot_s"] > 0).all()
     with pytest.raises(CohwError, match="at least one request"):
         serve(model, [])
+
+
+def test_a_chip_server_sized_from_its_memory_and_an_slo_sweep(tmp_path, monkeypatch):
+    monkeypatch.setenv("COHW_CACHE_DIR", str(tmp_path))
+    from cohw_utils.hardware import get_hardware
+    from cohw_utils.studies.serving import load
+    it, cfg = load.server("tinyllama-1.1b", "H100-SXM")
+    h100 = get_hardware("H100-SXM")
+    weights = 1_100_048_384 * 2  # TinyLlama-1.1B parameters in fp16
+    assert cfg.num_blocks == kv_blocks(h100.mem_bytes, weights, 22_528, 16)  # 22 layers x 2 x 4 heads x 64 x 2 B
+    sweep = load.load_sweep("tinyllama-1.1b", "H100-SXM", [2.0, 400.0], n=60, prompt_len=256, output_len=64,
+                            slo_ttft_s=0.05, slo_tpot_s=0.005)
+    assert sweep["normalized_latency_s"].is_monotonic_increasing  # more load, longer per-token latency
+    low, high = sweep.iloc[0], sweep.iloc[1]
+    assert low["slo_met_%"] >= high["slo_met_%"] and low["slo_met_%"] == 100
+    assert load.max_rate_at_slo(sweep, 90) in (2.0, 400.0)
+    with pytest.raises(CohwError, match="below one decode step"):
+        load.load_sweep("tinyllama-1.1b", "H100-SXM", [1.0], n=5, slo_tpot_s=1e-7)
+    with pytest.raises(CohwError, match="no SLO column"):
+        load.max_rate_at_slo(sweep.drop(columns=["slo_met_%"]))

@@ -37,7 +37,8 @@ of a prompt chunk) and
 :class:`CostFunctionIteration` (the calibrated predictor of Chapter 4.5 on one chip, from the
 model's prefill and decode cost functions).
 
-Used by Chapter 4.2's serving section and the serving benchmark (``benchmarks/bench_serving.py``).
+Written for Chapter 4.2's serving section (not yet in the book); used today by ``benchmarks/bench_serving.py``
+and :mod:`cohw_utils.studies.serving`.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ same :class:`~cohw_utils.views.serving.Request` list the simulator plays.
   context); :meth:`~cohw_utils.views.serving.LinearIteration.fit` solves its five terms on them,
   in relative error. The Poisson run the simulator predicts is never part of the fit.
 
-Used by Chapter 4.2's serving section and ``benchmarks/bench_serving.py``.
+Written for Chapter 4.2's serving section (not yet in the book); used by ``benchmarks/bench_serving.py``.
 """
 from __future__ import annotations
 

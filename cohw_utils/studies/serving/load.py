@@ -13,7 +13,7 @@ with step times from the calibrated predictor, and the questions an architect is
 Assumptions: fp16 weights and KV cache; one chip, no parallelism; requests independent (no prefix
 sharing); the calibration's efficiencies and fixed per-step overhead (Chapter 4.5).
 
-Used by Chapter 4.2's serving section.
+Written for Chapter 4.2's serving section (not yet in the book).
 """
 from __future__ import annotations
 
