@@ -6,7 +6,11 @@ changes.
 code cells change. But every chapter's numbers come from ``cohw_utils``: a changed cost rule,
 data file or pinned requirement must re-execute every chapter too. This script hashes the
 package, its data files and the requirements; when the hash differs from the one the cache was
-built with (or with ``--force``), it deletes the cache, so the next build executes everything.
+built with (or with ``--force``), it deletes the cache *and* Sphinx's environment
+(``_build/.doctrees``), so the next build re-reads and executes everything: Sphinx re-reads only
+the pages whose source changed, so with the execution cache gone but its environment kept, an
+unchanged notebook would be neither re-read nor re-executed and the book would keep outputs of
+the old package. The environment is also dropped when the execution cache is missing.
 
     python tools/book_cache.py [--force]      # `make book FORCE=1` passes --force
 """
@@ -20,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "_build" / ".jupyter_cache"
 KEY = ROOT / "_build" / ".jupyter_cache.key"
+DOCTREES = ROOT / "_build" / ".doctrees"  # Sphinx's environment: which pages it has read
 INPUTS = ("cohw_utils", "requirements.txt", "requirements-nodeps.txt", "pyproject.toml")
 
 
@@ -38,11 +43,13 @@ def main(argv: list[str]) -> int:
     force = "--force" in argv
     key = package_hash()
     old = KEY.read_text().strip() if KEY.exists() else None
-    if force or old != key:
-        if CACHE.exists():
-            shutil.rmtree(CACHE)
-            why = "forced" if force else "the package, its data or the requirements changed"
-            print(f"book_cache: cleared the execution cache ({why}); every chapter executes")
+    if force or old != key or not CACHE.exists():
+        why = ("forced" if force else "the package, its data or the requirements changed" if old != key
+               else "there is no execution cache")
+        for path in (CACHE, DOCTREES):
+            if path.exists():
+                shutil.rmtree(path)
+        print(f"book_cache: cleared the execution cache and Sphinx's environment ({why}); every chapter executes")
         KEY.parent.mkdir(parents=True, exist_ok=True)
         KEY.write_text(key + "\n")
     else:

@@ -9,6 +9,9 @@ with step times from the calibrated predictor, and the questions an architect is
   summary at each rate, with the vLLM paper's *normalized latency* (the mean over requests of
   end-to-end latency / output tokens) and the share of requests that met an SLO.
 * :func:`max_rate_at_slo`: the highest rate of a sweep at which a given share of requests met it.
+* :func:`allocation_sweep` / :func:`sustained_rate`: the vLLM paper's experiment -- the same load
+  under paged blocks and under per-request reservations, and the highest rate each sustains
+  before its normalized latency passes a bound.
 
 Assumptions: fp16 weights and KV cache; one chip, no parallelism; requests independent (no prefix
 sharing); the calibration's efficiencies and fixed per-step overhead (Chapter 4.5).
@@ -28,7 +31,7 @@ from cohw_utils.spine.phase_costs import phase_cost_function
 from cohw_utils.views.predictor import load_calibration
 from cohw_utils.views.serving import CostFunctionIteration, SchedulerConfig, kv_blocks, poisson_requests, simulate
 
-__all__ = ["server", "load_sweep", "max_rate_at_slo"]
+__all__ = ["server", "load_sweep", "max_rate_at_slo", "allocation_sweep", "sustained_rate"]
 
 
 def server(model: str, hw: str | Hardware, dtype: str = "fp16", block_size: int = 16, calibration=None,
@@ -78,3 +81,20 @@ def max_rate_at_slo(sweep: pd.DataFrame, attainment_pct: float = 90.0) -> float:
         return float("nan")
     last = int(np.argmin(ok)) - 1 if not ok.all() else len(ok) - 1
     return float(sweep.sort_values("rate_per_s")["rate_per_s"].iloc[last])
+
+
+def allocation_sweep(model: str, hw: str | Hardware, rates: Sequence[float],
+                     allocations: Sequence[str] = ("paged", "reserve-exact", "reserve-max"), **kw) -> pd.DataFrame:
+    """:func:`load_sweep` once per KV allocation policy (same requests, same step times)."""
+    return pd.concat([load_sweep(model, hw, rates, allocation=a, **kw) for a in allocations], ignore_index=True)
+
+
+def sustained_rate(sweep: pd.DataFrame, max_normalized_latency_s: float) -> pd.Series:
+    """Per allocation: the highest rate whose normalized latency (s per output token) stays at or
+    under the bound at that rate and every lower one; NaN where even the lowest rate exceeds it."""
+    out = {}
+    for alloc, g in sweep.groupby("allocation", sort=False):
+        ok = g.sort_values("rate_per_s")["normalized_latency_s"].to_numpy() <= max_normalized_latency_s
+        rates = g.sort_values("rate_per_s")["rate_per_s"].to_numpy()
+        out[alloc] = float(rates[:int(np.argmin(ok)) if not ok.all() else len(ok)][-1]) if ok[0] else float("nan")
+    return pd.Series(out, name="sustained_rate_per_s")
