@@ -47,3 +47,21 @@ def test_changed_package_clears_cache_and_environment(tmp_path, monkeypatch, cap
     _populate(mod)
     mod.main(["--force"])
     assert not mod.CACHE.exists() and not mod.DOCTREES.exists() and "forced" in capsys.readouterr().out
+
+
+def test_build_output_inside_the_package_does_not_change_its_hash(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("book_cache2", ROOT / "tools" / "book_cache.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pkg = tmp_path / "cohw_utils"
+    (pkg / "spine").mkdir(parents=True)
+    (pkg / "spine" / "costs.py").write_text("x = 1\n")
+    monkeypatch.setattr(mod, "ROOT", tmp_path)
+    monkeypatch.setattr(mod, "INPUTS", ("cohw_utils",))
+    before = mod.package_hash()
+    for junk in ("studies/_build/traces/t.json", "spine/__pycache__/costs.pyc", ".ipynb_checkpoints/a.py"):
+        (pkg / junk).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / junk).write_text("run output")
+    assert mod.package_hash() == before  # a chapter's trace file must not re-execute the whole book
+    (pkg / "spine" / "costs.py").write_text("x = 2\n")
+    assert mod.package_hash() != before

@@ -150,3 +150,14 @@ def test_a_chip_server_sized_from_its_memory_and_an_slo_sweep(tmp_path, monkeypa
         load.load_sweep("tinyllama-1.1b", "H100-SXM", [1.0], n=5, slo_tpot_s=1e-7)
     with pytest.raises(CohwError, match="no SLO column"):
         load.max_rate_at_slo(sweep.drop(columns=["slo_met_%"]))
+
+
+
+def test_sustained_rate_reads_the_sweep():
+    import pandas as pd
+    from cohw_utils.studies.serving.load import sustained_rate
+    sweep = pd.DataFrame({"allocation": ["paged"] * 3 + ["reserve-max"] * 3, "rate_per_s": [1, 2, 4] * 2,
+                          "normalized_latency_s": [0.01, 0.02, 0.5, 0.01, 0.6, 0.7]})
+    got = sustained_rate(sweep, 0.1)
+    assert got["paged"] == 2 and got["reserve-max"] == 1
+    assert np.isnan(sustained_rate(sweep, 0.001)["paged"])

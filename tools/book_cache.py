@@ -32,7 +32,11 @@ def package_hash() -> str:
     h = hashlib.sha256()
     for name in INPUTS:
         p = ROOT / name
-        files = sorted(f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts) if p.is_dir() else [p]
+        # sources and data only: caches and build output a run may leave inside the package
+        # (__pycache__, _build, hidden folders) must not make the next build re-execute everything
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not any(
+            part == "__pycache__" or part == "_build" or part.startswith(".") for part in f.relative_to(p).parts)) \
+            if p.is_dir() else [p]
         for f in files:
             h.update(str(f.relative_to(ROOT)).encode())
             h.update(f.read_bytes())
