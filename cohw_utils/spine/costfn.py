@@ -241,8 +241,12 @@ class Box:
         out["count"] = self.multiplicity
         return out
 
+    def _monomials(self, point: Point) -> list[int]:
+        """The box's monomials at ``point``, exact integers."""
+        return [math.prod(x ** int(e) for x, e in zip(point, ex)) for ex in self.exponents]
+
     def exact_values(self, point: Point) -> list[list[int | Fraction]]:
-        mono = [math.prod(x ** int(e) for x, e in zip(point, ex)) for ex in self.exponents]
+        mono = self._monomials(point)
         out = []
         for spec, kind in zip(self.kinds, self.numer):
             row = []
@@ -258,7 +262,7 @@ class Box:
 
     def scalars_at(self, point: Point) -> dict[str, Any]:
         """The trace's scalars at ``point``: the integer ones from their polynomials, exactly."""
-        mono = [math.prod(x ** int(e) for x, e in zip(point, ex)) for ex in self.exponents]
+        mono = self._monomials(point)
         out = dict(self.scalar_const)
         for name, coeffs in self.scalar_numer.items():
             q, r = divmod(sum(c * m for c, m in zip(coeffs, mono)), self.denom)
@@ -372,9 +376,7 @@ class CostFunction:
             nums = [float(x) if isinstance(x, Fraction) else x for x in v[:len(QUANTITIES)]]
             if not spec["costed"]:
                 nums = [math.nan] * len(QUANTITIES)
-            dims = iter(int(x) for x in v[len(QUANTITIES):])
-            ins = tuple(tuple(next(dims) for _ in range(r)) for r in spec["struct"][0])
-            outs = tuple(tuple(next(dims) for _ in range(r)) for r in spec["struct"][1])
+            ins, outs = (tuple(x) for x in _split_dims(spec["struct"], [int(x) for x in v[len(QUANTITIES):]]))
             per_kind.append((nums, ins, outs))
         kinds = b.template["kind"].tolist()
         t = b.template.drop(columns="kind").copy()
