@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from cohw_utils.studies.serving.engine import EngineConfig, calibrate, serve, small_llama
-from cohw_utils.views.serving import poisson_requests, simulate
+from cohw_utils.studies.serving.engine import EngineConfig, calibrate, measured_vs_simulated, small_llama
+from cohw_utils.views.serving import poisson_requests
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,24 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     step_model, points = calibrate(model, engine)
     calib_s = time.perf_counter() - t
     reqs = poisson_requests(args.rate, args.n, tuple(args.prompt), tuple(args.output), seed=args.seed)
-    measured = serve(model, reqs, engine)
-    sim = simulate(reqs, step_model, engine.scheduler())
-    span_m = float(measured["finish_s"].max() - measured["arrival_s"].min())
-    s = sim.summary()
-    rows = {
-        "ttft_p50_s": (float(measured["ttft_s"].median()), s["ttft_p50_s"]),
-        "tpot_p50_s": (float(measured["tpot_s"].median()), s["tpot_p50_s"]),
-        "output_tokens_per_s": (float(measured["tokens"].sum()) / span_m, s["output_tokens_per_s"]),
-        "ttft_p90_s": (float(measured["ttft_s"].quantile(0.9)), s["ttft_p90_s"]),
-        "e2e_p50_s": (float(measured["e2e_s"].median()), s["e2e_p50_s"]),
-    }
+    table = measured_vs_simulated(model, reqs, step_model, engine, seed=args.seed)
     out = {"engine": "transformers ContinuousBatchingManager (paged attention, FIFO), CPU",
            "torch_threads": torch.get_num_threads(), "engine_config": vars(engine),
            "load": {"rate_per_s": args.rate, "requests": args.n, "prompt": args.prompt, "output": args.output,
                     "seed": args.seed},
            "step_model": vars(step_model), "calibration_points": points.to_dict("records"), "calibration_s": calib_s,
-           "metrics": {k: {"measured": m, "simulated": p, "error_%": 100 * (p - m) / m} for k, (m, p) in rows.items()},
-           "simulated_preempted_requests": s["preempted_requests"], "simulated_peak_blocks": s["peak_blocks_used"]}
+           "metrics": table.to_dict("index"),
+           "simulated_preempted_requests": table.attrs["preempted"], "simulated_peak_blocks": table.attrs["peak_blocks"]}
     if args.json:
         print(json.dumps(out, indent=1))
         return 0

@@ -15,6 +15,13 @@ from cohw_utils.views.serving import (CostFunctionIteration, LinearIteration, Re
 STEP = LinearIteration(0.010, 0.0)  # every step takes 10 ms, whatever it holds
 
 
+@pytest.fixture(scope="module")
+def costfn_cache(tmp_path_factory):
+    """One cost-function cache for this module's tests: TinyLlama's prefill and decode functions
+    are built once (cold, as on a fresh machine), not once per test."""
+    return str(tmp_path_factory.mktemp("costfn"))
+
+
 def test_one_request_by_hand():
     r = simulate([Request(0, 0.5, 16, 4)], STEP, SchedulerConfig(num_blocks=10, block_size=16))
     row = r.requests.iloc[0]
@@ -91,8 +98,8 @@ def test_linear_iteration_fit_recovers_its_coefficients():
     assert truth.step_seconds([(128, 0)], [10]) == pytest.approx(0.003 + 0.002 + 4e-5 * 129 + 2e-7 * 11 + 1e-8 * 128 * 64.5)
 
 
-def test_cost_function_iteration_is_the_predictor_for_pure_steps(tmp_path, monkeypatch):
-    monkeypatch.setenv("COHW_CACHE_DIR", str(tmp_path))
+def test_cost_function_iteration_is_the_predictor_for_pure_steps(costfn_cache, monkeypatch):
+    monkeypatch.setenv("COHW_CACHE_DIR", costfn_cache)
     from cohw_utils.hardware import get_hardware
     from cohw_utils.spine.phase_costs import phase_cost_function
     from cohw_utils.views.predictor import load_calibration, sweep_seconds
@@ -132,8 +139,8 @@ def test_the_real_engine_serves_every_token_and_reports_its_timestamps():
         serve(model, [])
 
 
-def test_a_chip_server_sized_from_its_memory_and_an_slo_sweep(tmp_path, monkeypatch):
-    monkeypatch.setenv("COHW_CACHE_DIR", str(tmp_path))
+def test_a_chip_server_sized_from_its_memory_and_an_slo_sweep(costfn_cache, monkeypatch):
+    monkeypatch.setenv("COHW_CACHE_DIR", costfn_cache)
     from cohw_utils.hardware import get_hardware
     from cohw_utils.studies.serving import load
     it, cfg = load.server("tinyllama-1.1b", "H100-SXM")
@@ -161,3 +168,86 @@ def test_sustained_rate_reads_the_sweep():
     got = sustained_rate(sweep, 0.1)
     assert got["paged"] == 2 and got["reserve-max"] == 1
     assert np.isnan(sustained_rate(sweep, 0.001)["paged"])
+
+
+def test_resident_bytes_of_weight_and_kv_formats():
+    from cohw_utils.studies.serving.load import resident_bytes
+    w, kv = 2e9, 1000.0  # 1e9 fp16 weights, 1000 B of KV per token
+    assert resident_bytes(w, kv, None) == (w, kv)
+    assert resident_bytes(w, kv, "fp8-kv8") == (1e9, 500.0)  # 1 byte per weight, KV at 8 bits
+    assert resident_bytes(w, kv, "fp8") == (1e9, 1000.0)     # KV stays 16-bit
+    # int4 in groups of 128 with 4 bytes of scale and zero point: 0.5 + 4/128 bytes per weight
+    assert resident_bytes(w, kv, "int4-wo-g128")[0] == pytest.approx(1e9 * (0.5 + 4 / 128))
+    assert resident_bytes(4e9, 2000.0, "fp8-kv8", traced_bytes=4) == (1e9, 500.0)  # traced in fp32
+    with pytest.raises(CohwError, match="unknown weight format"):
+        resident_bytes(w, kv, "int5")
+
+
+def test_scaled_chip_changes_one_resource_and_keeps_the_vendor():
+    from cohw_utils.hardware import get_hardware
+    from cohw_utils.studies.serving.load import scaled
+    h = get_hardware("H100-SXM")
+    s = scaled(h, bandwidth=2)
+    assert s.mem_bw == 2 * h.mem_bw and s.mem_bytes == h.mem_bytes and s.peak_flops == h.peak_flops
+    assert s.vendor == h.vendor and s.name == "H100-SXM BW x2"
+    f = scaled(h, flops=2, capacity=3)
+    assert f.peak("bf16") == 2 * h.peak("bf16") and f.mem_bytes == 3 * h.mem_bytes and f.mem_bw == h.mem_bw
+
+
+def test_sweep_timer_one_point_at_a_time_equals_the_vectorized_sweep(costfn_cache, monkeypatch):
+    monkeypatch.setenv("COHW_CACHE_DIR", costfn_cache)
+    from cohw_utils.hardware import get_hardware
+    from cohw_utils.spine.phase_costs import phase_cost_function
+    from cohw_utils.views.predictor import SweepTimer, load_calibration, sweep_seconds
+    cf = phase_cost_function("tinyllama-1.1b", "decode", "fp16")
+    hw, cal = get_hardware("A100-80GB"), load_calibration()
+    pts = [[1, 17], [8, 300], [64, 2000], [3, 5]]
+    timer = SweepTimer(cf, hw, cal)
+    one_by_one = [float(timer([p])[0]) for p in pts]
+    assert one_by_one == pytest.approx(list(sweep_seconds(cf, pts, hw, cal)), rel=1e-12)
+    assert one_by_one[2] > one_by_one[1] > one_by_one[0]  # more sequences and context, longer step
+
+
+def test_slo_rate_brackets_the_capacity_and_more_memory_serves_more(costfn_cache, monkeypatch):
+    monkeypatch.setenv("COHW_CACHE_DIR", costfn_cache)
+    from cohw_utils.studies.serving import load
+    kw = dict(prompt_len=(64, 512), output_len=(64, 512), n=40, horizon_s=5.0, rel_tol=0.05)
+    got = load.slo_rate("tinyllama-1.1b", "A100-40GB", 0.1, 0.008, **kw)
+    rate, failed = got["max_rate_per_s"], got["failed_rate_per_s"]
+    assert rate > 0 and got["slo_met_%"] >= 90 and rate < failed <= rate * 1.05 + 1e-9
+    sweep = load.load_sweep("tinyllama-1.1b", "A100-40GB", [rate, failed], slo_ttft_s=0.1, slo_tpot_s=0.008,
+                            n=40, horizon_s=5.0, prompt_len=(64, 512), output_len=(64, 512))
+    assert sweep["slo_met_%"].iloc[0] >= 90 > sweep["slo_met_%"].iloc[1]  # the bracket, re-simulated
+    wi = load.what_if("tinyllama-1.1b", "A100-40GB", {"as is": None, "3x HBM": lambda h: load.scaled(h, capacity=3)},
+                      0.1, 0.008, **kw)
+    assert wi.loc["3x HBM", "num_blocks"] > 3 * wi.loc["as is", "num_blocks"]  # the weights are paid once
+    assert wi.loc["as is", "rate_gain"] == 1.0 and wi.loc["as is", "max_rate_per_s"] == rate
+    with pytest.raises(CohwError, match="below one prefill"):
+        load.slo_rate("tinyllama-1.1b", "A100-40GB", 1e-6, 0.008, **kw)
+    with pytest.raises(CohwError, match="llama-2-70b on A100-40GB: the weights"):
+        load.server("llama-2-70b", "A100-40GB")
+
+
+def test_engine_compare_reports_measured_beside_simulated():
+    from cohw_utils.studies.serving.engine import EngineConfig, measured_vs_simulated, small_llama
+    model = small_llama(hidden=64, layers=1, heads=2, vocab=256)
+    step = LinearIteration(c0=1e-3, c_token=1e-5)
+    reqs = [Request(0, 0.0, 16, 4), Request(1, 0.01, 24, 3)]
+    out = measured_vs_simulated(model, reqs, step, EngineConfig(num_blocks=16, block_size=16, max_batch_tokens=64, max_requests=4))
+    assert list(out.index) == ["ttft_p50_s", "tpot_p50_s", "output_tokens_per_s", "ttft_p90_s", "e2e_p50_s"]
+    assert (out["measured"] > 0).all() and (out["simulated"] > 0).all()
+    err = 100 * (out["simulated"] - out["measured"]) / out["measured"]
+    assert np.allclose(out["error_%"], err)
+
+
+def test_serving_figures_draw_what_they_are_given():
+    import pandas as pd
+    from cohw_utils.studies.serving import figures
+    sweep = pd.DataFrame({"model": "m", "hardware": "X", "allocation": ["paged"] * 2 + ["reserve-max"] * 2,
+                          "rate_per_s": [1.0, 2.0] * 2, "normalized_latency_s": [0.02, 0.03, 0.05, 0.9]})
+    fig = figures.fig_allocation(sweep, bound_s=0.1)
+    assert len(fig.axes[0].lines) == 3  # two policies and the bound
+    res = simulate([Request(0, 0.0, 40, 3), Request(1, 0.0, 40, 3)], LinearIteration(1e-3, 1e-5),
+                   SchedulerConfig(num_blocks=8, block_size=16))
+    fig = figures.fig_blocks_over_time(res)
+    assert len(fig.axes) == 2

@@ -52,7 +52,7 @@ from cohw_utils.views.roofline import ATTENTION, CONV, GEMM, VIEW, EfficiencyMod
 
 __all__ = ["WeightFormat", "WEIGHT_FORMATS", "weight_format", "apply_weight_format", "Calibration",
            "load_calibration", "CALIBRATION_FILE", "phase_seconds", "RequestPrediction",
-           "request_prediction", "decode_context", "sweep_seconds", "formatted"]
+           "request_prediction", "decode_context", "sweep_seconds", "SweepTimer", "formatted"]
 
 CALIBRATION_FILE = DATA_DIR / "calibration.json"
 
@@ -289,32 +289,52 @@ def formatted(cf: CostFunction, fmt: str) -> CostFunction:
     return _FORMATTED[key]
 
 
+class SweepTimer:
+    """:func:`sweep_seconds` of one (cost function, chip, calibration, weight format), with each
+    box's per-kind rates (peak x efficiency, bandwidth x efficiency, fixed time) computed once:
+    a serving simulation asks for one point at a time, thousands of times."""
+
+    def __init__(self, cf: CostFunction, hw: Hardware, calibration: Calibration | None = None,
+                 weight_fmt: str | None = None) -> None:
+        self.cf = formatted(cf, weight_fmt) if weight_fmt is not None else cf
+        self.hw = hw
+        self._model, self._overhead = (calibration or Calibration.ideal()).efficiency_model(hw)
+        self._rates: dict[int, tuple[np.ndarray, ...]] = {}
+
+    def _box_rates(self, box) -> tuple[np.ndarray, ...]:
+        """(compute rate, byte rate, fixed seconds, count) per kind of ``box``."""
+        if id(box) not in self._rates:  # boxes live as long as self.cf: their ids are stable keys
+            kt = box.kind_table()
+            if not kt["costed"].all():
+                missing = sorted(set(kt.loc[~kt["costed"].astype(bool), "op"]))
+                raise CohwError(f"cannot time a table with uncosted ops ({', '.join(missing[:5])}); add cost "
+                                "rules in cohw_utils.spine.costs")
+            groups = [op_group(o, c) for o, c in zip(kt["op"], kt["op_class"])]
+            params = [self._model.params(g) for g in groups]
+            peak = np.array([_peak_for(self.hw, c, d) for c, d in zip(kt["op_class"], kt["dtype"])], dtype=float)
+            e = np.array([p[0] for p in params]) * peak
+            b = np.array([p[1] for p in params]) * self.hw.mem_bw
+            t0 = np.array([0.0 if g == VIEW else p[2] for g, p in zip(groups, params)])
+            self._rates[id(box)] = (e, b, t0, kt["count"].to_numpy(dtype=float))
+        return self._rates[id(box)]
+
+    def __call__(self, points) -> np.ndarray:
+        pts = np.atleast_2d(np.asarray(points, dtype=np.int64))
+        out = np.zeros(len(pts))
+        for box, sel, vals in self.cf.per_box(pts, ("flops", "bytes_read", "bytes_written")):
+            e, b, t0, count = self._box_rates(box)
+            t = t0 + np.maximum(vals[:, :, 0] / e, (vals[:, :, 1] + vals[:, :, 2]) / b)  # (n, kinds)
+            out[sel] = t @ count + self._overhead
+        return out
+
+
 def sweep_seconds(cf: CostFunction, points, hw: Hardware, calibration: Calibration | None = None,
                   weight_fmt: str | None = None) -> np.ndarray:
     """Seconds of one step at each of ``points`` (an (n, n_vars) array of the cost function's
     variables), vectorized: the same model as :func:`phase_seconds` of the table at each point
     (per-kind roofline under the calibration's efficiencies, plus its step overhead), evaluated
     from the cost function's coefficients in float64 (rounding ~1e-16 relative)."""
-    if weight_fmt is not None:
-        cf = formatted(cf, weight_fmt)
-    model, overhead = (calibration or Calibration.ideal()).efficiency_model(hw)
-    pts = np.atleast_2d(np.asarray(points, dtype=np.int64))
-    out = np.zeros(len(pts))
-    for box, sel, vals in cf.per_box(pts, ("flops", "bytes_read", "bytes_written")):
-        kt = box.kind_table()
-        if not kt["costed"].all():
-            missing = sorted(set(kt.loc[~kt["costed"].astype(bool), "op"]))
-            raise CohwError(f"cannot time a table with uncosted ops ({', '.join(missing[:5])}); add cost "
-                            "rules in cohw_utils.spine.costs")
-        groups = [op_group(o, c) for o, c in zip(kt["op"], kt["op_class"])]
-        params = [model.params(g) for g in groups]
-        peak = np.array([_peak_for(hw, c, d) for c, d in zip(kt["op_class"], kt["dtype"])], dtype=float)
-        e = np.array([p[0] for p in params]) * peak
-        b = np.array([p[1] for p in params]) * hw.mem_bw
-        t0 = np.array([0.0 if g == VIEW else p[2] for g, p in zip(groups, params)])
-        t = t0 + np.maximum(vals[:, :, 0] / e, (vals[:, :, 1] + vals[:, :, 2]) / b)  # (n, kinds)
-        out[sel] = t @ kt["count"].to_numpy(dtype=float) + overhead
-    return out
+    return SweepTimer(cf, hw, calibration, weight_fmt)(points)
 
 
 # ============================================================================================

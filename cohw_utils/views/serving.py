@@ -37,7 +37,7 @@ of a prompt chunk) and
 :class:`CostFunctionIteration` (the calibrated predictor of Chapter 4.5 on one chip, from the
 model's prefill and decode cost functions).
 
-Written for Chapter 4.2's serving section (not yet in the book); used today by ``benchmarks/bench_serving.py``
+Used by Chapter 4.6 (serving under load), ``benchmarks/bench_serving.py``
 and :mod:`cohw_utils.studies.serving`.
 """
 from __future__ import annotations
@@ -212,11 +212,10 @@ class CostFunctionIteration:
     """
 
     def __init__(self, prefill, decode, hw, calibration=None, weight_fmt: str | None = None) -> None:
-        from cohw_utils.views.predictor import sweep_seconds
+        from cohw_utils.views.predictor import SweepTimer
 
-        self._sec = functools.lru_cache(maxsize=200_000)(
-            lambda phase, b, t: float(sweep_seconds(prefill if phase == "p" else decode, [[b, t]], hw,
-                                                    calibration, weight_fmt)[0]))
+        timers = {"p": SweepTimer(prefill, hw, calibration, weight_fmt), "d": SweepTimer(decode, hw, calibration, weight_fmt)}
+        self._sec = functools.lru_cache(maxsize=200_000)(lambda phase, b, t: float(timers[phase]([[b, t]])[0]))
         self.hw = hw
 
     def step_seconds(self, prefill, decode) -> float:

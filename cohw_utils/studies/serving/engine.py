@@ -15,11 +15,15 @@ same :class:`~cohw_utils.views.serving.Request` list the simulator plays.
   submitted together (their median TPOT is one decode step of N sequences at their mean
   context); :meth:`~cohw_utils.views.serving.LinearIteration.fit` solves its five terms on them,
   in relative error. The Poisson run the simulator predicts is never part of the fit.
+* :func:`measured_vs_simulated`: serve a request list on the engine and simulate the same list with a fitted
+  step model and the engine's limits; measured beside simulated median TTFT, median TPOT,
+  throughput (output tokens / (last finish - first arrival)), p90 TTFT and median end-to-end.
 
-Written for Chapter 4.2's serving section (not yet in the book); used by ``benchmarks/bench_serving.py``.
+Used by Chapter 4.6 (serving under load) and ``benchmarks/bench_serving.py``.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -28,9 +32,9 @@ import pandas as pd
 import torch
 
 from cohw_utils.core.errors import CohwError
-from cohw_utils.views.serving import LinearIteration, Request, SchedulerConfig
+from cohw_utils.views.serving import LinearIteration, Request, SchedulerConfig, simulate
 
-__all__ = ["EngineConfig", "small_llama", "serve", "calibrate"]
+__all__ = ["EngineConfig", "small_llama", "serve", "calibrate", "measured_vs_simulated"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,9 @@ def _manager(model, engine: EngineConfig, max_new_tokens: int):
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+    # end-of-sequence is off on purpose (every request runs to its output length); the engine warns
+    # about that on every start, which would fill a chapter's output
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     cb = ContinuousBatchingConfig(page_size=engine.block_size, num_blocks=engine.num_blocks,
                                   max_batch_tokens=engine.max_batch_tokens, max_requests_per_batch=engine.max_requests,
@@ -141,3 +148,22 @@ def calibrate(model, engine: EngineConfig = EngineConfig(), prompts=(16, 48, 96,
                         "seconds": float(out["tpot_s"].median())})
     steps = pd.DataFrame(pts)
     return LinearIteration.fit(steps), steps
+
+
+def measured_vs_simulated(model, requests: list[Request], step_model, engine: EngineConfig = EngineConfig(),
+            seed: int = 0) -> pd.DataFrame:
+    """``requests`` served by the engine and simulated with ``step_model`` under the engine's
+    limits (module docstring): one row per metric, ``measured``, ``simulated``, ``error_%``
+    (simulated - measured, relative to measured)."""
+    measured = serve(model, requests, engine, seed=seed)
+    s = simulate(requests, step_model, engine.scheduler()).summary()
+    span = float(measured["finish_s"].max() - measured["arrival_s"].min())
+    rows = {"ttft_p50_s": (float(measured["ttft_s"].median()), s["ttft_p50_s"]),
+            "tpot_p50_s": (float(measured["tpot_s"].median()), s["tpot_p50_s"]),
+            "output_tokens_per_s": (float(measured["tokens"].sum()) / span, s["output_tokens_per_s"]),
+            "ttft_p90_s": (float(measured["ttft_s"].quantile(0.9)), s["ttft_p90_s"]),
+            "e2e_p50_s": (float(measured["e2e_s"].median()), s["e2e_p50_s"])}
+    out = pd.DataFrame([{"metric": k, "measured": m, "simulated": p, "error_%": 100 * (p - m) / m}
+                        for k, (m, p) in rows.items()]).set_index("metric")
+    out.attrs.update(preempted=s["preempted_requests"], peak_blocks=s["peak_blocks_used"])
+    return out
