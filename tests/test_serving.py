@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from cohw_utils.core.errors import CohwError
 from cohw_utils.views.serving import (CostFunctionIteration, LinearIteration, Request, SchedulerConfig, kv_blocks,
@@ -251,3 +252,33 @@ def test_serving_figures_draw_what_they_are_given():
                    SchedulerConfig(num_blocks=8, block_size=16))
     fig = figures.fig_blocks_over_time(res)
     assert len(fig.axes) == 2
+
+
+def test_speculative_formula_by_hand():
+    from cohw_utils.studies.serving.speculative import expected_speedup, expected_tokens
+    assert expected_tokens(0.0, 4) == 1.0                      # nothing accepted: the target's own token
+    assert expected_tokens(1.0, 4) == 5.0                      # everything accepted: gamma + 1
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)      # 1 + 0.5 + 0.25
+    assert expected_speedup(0.5, 2, 0.25) == pytest.approx(1.75 / 1.5)
+    with pytest.raises(CohwError, match="alpha"):
+        expected_tokens(1.5, 4)
+
+
+def test_layer_skip_draft_and_assisted_generation_keep_the_greedy_tokens():
+    from cohw_utils.studies.serving.engine import small_llama
+    from cohw_utils.studies.serving.speculative import acceptance_rate, layer_skip_draft, measure_pair
+    target = small_llama(hidden=64, layers=3, heads=2, vocab=128)
+    draft = layer_skip_draft(target, 1)
+    assert len(draft.model.layers) == 1 and len(target.model.layers) == 3
+    ids = torch.randint(1, 128, (1, 12))
+    assert acceptance_rate(target, target, ids) == 1.0
+    assert 0.0 <= acceptance_rate(target, draft, ids) <= 1.0
+    got = measure_pair(target, draft, prompt_len=8, new_tokens=12, gamma=3, repeats=1)  # raises if tokens differ
+    assert got["predicted_speedup"] == pytest.approx(
+        (1 - got["alpha"] ** 4) / (1 - got["alpha"]) / (3 * got["c"] + 1) if got["alpha"] < 1 else 4 / (3 * got["c"] + 1))
+    assert got["measured_speedup"] > 0 and 0 < got["c"]
+    with pytest.raises(CohwError, match="keeps 1..2"):
+        layer_skip_draft(target, 3)
+    from cohw_utils.studies.serving.speculative import damp_later_blocks
+    exact = damp_later_blocks(target, 1, 0.0)  # later blocks add nothing: the one-block draft is the model
+    assert acceptance_rate(exact, layer_skip_draft(exact, 1), ids) == 1.0

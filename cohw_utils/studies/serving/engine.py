@@ -11,7 +11,7 @@ same :class:`~cohw_utils.views.serving.Request` list the simulator plays.
   ``e2e_s`` = last token - creation. End-of-sequence is disabled, so every request generates
   exactly its ``output_len`` tokens, as in the simulator.
 * :func:`calibrate`: the step-time model the simulator is fed, fitted on *separate* runs of the
-  same engine: lone requests per prompt length (their median TTFT is one prefill step) and N requests
+  same engine, after one untimed pass over the same shapes: lone requests per prompt length (their median TTFT is one prefill step) and N requests
   submitted together (their median TPOT is one decode step of N sequences at their mean
   context); :meth:`~cohw_utils.views.serving.LinearIteration.fit` solves its five terms on them,
   in relative error. The Poisson run the simulator predicts is never part of the fit.
@@ -131,6 +131,13 @@ def calibrate(model, engine: EngineConfig = EngineConfig(), prompts=(16, 48, 96,
     of each prompt length (their median TTFT is one prefill step), and ``batches`` of requests submitted
     together (their median TPOT is one decode step of that many sequences at their mean context).
     Returns the model and the measured steps."""
+    # one untimed pass over every shape first: the CPU kernels (oneDNN primitives, allocator pools)
+    # are built on a shape's first use, which would otherwise land in the calibration and not in
+    # the runs it predicts
+    serve(model, [Request(i, 0.02 * i, p, 2) for i, p in enumerate(prompts) if p <= engine.max_batch_tokens], engine)
+    for n in batches:
+        if n <= engine.max_requests and n * (max(prompt_for_decode) + 4) <= engine.num_blocks * engine.block_size:
+            serve(model, [Request(i, 0.0, max(prompt_for_decode), 4) for i in range(n)], engine)
     pts = []
     for p in prompts:
         if p > engine.max_batch_tokens:
