@@ -196,3 +196,15 @@ def test_figures(toy_table):
     s = pd.DataFrame({"image_size": [512, 768], "component": ["unet_step"] * 2, "flops": [1, 2],
                       "bytes_moved": [1, 2], "attention_flops": [0, 1], "peak_activation": [1, 3]})
     assert isinstance(inventory.fig_scaling(s), Figure)
+
+
+def test_weight_footprint_names_the_widest_format_that_fits():
+    from cohw_utils.hardware import get_hardware
+    from cohw_utils.studies.architecture.inventory import weight_footprint
+    # 30e9 parameters: 120 GB fp32, 60 GB bf16, 30 GB int8, 15 GB int4; usable = 90% of nominal
+    df = weight_footprint({"m": 30_000_000_000}, hardware=[get_hardware("A100-40GB"), get_hardware("H100-SXM")])
+    assert df.loc["m", "fp32"] == 120 and df.loc["m", "int4"] == 15
+    assert df.loc["m", "fits A100-40GB at"] == "int8"   # 36 GB usable: bf16's 60 GB does not fit
+    assert df.loc["m", "fits H100-SXM at"] == "bf16"    # 72 GB usable: the first listed that fits
+    huge = weight_footprint({"x": 200_000_000_000}, hardware=[get_hardware("A100-40GB")])
+    assert huge.loc["x", "fits A100-40GB at"] == "-"    # 100 GB even in int4

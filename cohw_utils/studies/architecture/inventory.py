@@ -257,17 +257,18 @@ def dtype_view(table: pd.DataFrame) -> pd.DataFrame:
 def weight_footprint(parameters: Mapping[str, int], dtypes: Iterable[str] = FOOTPRINT_DTYPES,
                      hardware: Iterable[Hardware] = ()) -> pd.DataFrame:
     """Weight GB (1e9 bytes) of each model at each dtype (int4 = 0.5 byte, no group scales),
-    plus, per chip in ``hardware``, the smallest listed dtype at which the weights fit in its
-    memory, less the runtime reserve (:func:`cohw_utils.views.memory_budget.fits`; ``-`` when none does)."""
+    plus, per chip in ``hardware``, the widest (highest-precision) dtype of ``dtypes``, taken in
+    their listed order (wide to narrow by default), at which the weights alone fit in its memory less the runtime
+    reserve (:func:`cohw_utils.views.memory_budget.fits`; no KV cache; ``-`` when none does)."""
     dts = list(dtypes)
     df = pd.DataFrame({d: {m: n * BYTES[dtype_name(d)] / 1e9 for m, n in parameters.items()} for d in dts})
     df.insert(0, "parameters", pd.Series(parameters))
     for hw in hardware:
-        smallest = []
+        widest = []
         for m in df.index:
             ok = [d for d in dts if hw.mem_bytes and fits(hw, df.loc[m, d] * 1e9)]
-            smallest.append(ok[0] if ok else "-")
-        df[f"fits {hw.name} at"] = smallest
+            widest.append(ok[0] if ok else "-")
+        df[f"fits {hw.name} at"] = widest
     return df
 
 
