@@ -32,10 +32,10 @@ from __future__ import annotations
 import copy
 import time
 
-import numpy as np
 import torch
 
 from cohw_utils.core.errors import CohwError
+from cohw_utils.spine.measure import time_callable
 
 __all__ = ["expected_tokens", "expected_speedup", "layer_skip_draft", "damp_later_blocks", "acceptance_rate",
            "measure_pair"]
@@ -88,13 +88,10 @@ def acceptance_rate(target, draft, ids: torch.Tensor) -> float:
 
 
 def _time(fn, repeats: int) -> tuple[float, object]:
-    out = fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)), out
+    """Median seconds of ``fn`` (the project's harness, one warm-up call) and its last output."""
+    last: dict[str, object] = {}
+    timing = time_callable(lambda: last.__setitem__("out", fn()), repeats, 1, "cpu")
+    return timing.median, last["out"]
 
 
 @torch.no_grad()
