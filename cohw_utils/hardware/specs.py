@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,13 @@ def load_hardware(path: str | Path | None = None) -> dict[str, Hardware]:
     """
     resolved = Path(path).expanduser().resolve() if path is not None else _default_csv()
     return dict(_load(resolved))
+
+
+def scaled(hw: Hardware, bandwidth: float = 1.0, capacity: float = 1.0, flops: float = 1.0,
+           name: str | None = None) -> Hardware:
+    """``hw`` with its memory bandwidth, capacity and every peak multiplied (same vendor, so the
+    same calibration applies): a what-if chip."""
+    label = name or hw.name + "".join(f" {k} x{v:g}" for k, v in
+                                      (("BW", bandwidth), ("capacity", capacity), ("FLOP/s", flops)) if v != 1.0)
+    return dataclasses.replace(hw, name=label, mem_bw=hw.mem_bw * bandwidth, mem_bytes=hw.mem_bytes * capacity,
+                               peak_flops={k: v * flops for k, v in hw.peak_flops.items()})

@@ -130,8 +130,8 @@ OpPacket = torch._ops.OpOverloadPacket
 
 # the class names live in core (torch-free) and are re-exported here, where the rules assign them
 from cohw_utils.core.counting import search_comparisons, sort_comparisons  # noqa: E402
-from cohw_utils.core.opclasses import (CONTRACTION, DATA_MOVEMENT, ELEMENTWISE, NORMALIZATION,  # noqa: E402,F401
-                                       OP_CLASSES, OTHER, VIEW)
+from cohw_utils.core.opclasses import (COMMUNICATION, CONTRACTION, DATA_MOVEMENT, ELEMENTWISE,  # noqa: E402,F401
+                                       NORMALIZATION, OP_CLASSES, OTHER, VIEW)
 
 
 @dataclass(frozen=True)
@@ -418,6 +418,19 @@ register_cost(_ops("upsample_bilinear2d_backward", "_upsample_bilinear2d_aa_back
 
 # ---------------------------------------------------------------------------- gathers, scatters
 # Sector arithmetic is written by hand: no library states DRAM traffic of a gather from shapes.
+# Collectives (torch.distributed's ops, as a sharded model issues them): no FLOPs; bytes = buffers read and
+# written; their time is the link's (cohw_utils.views.collectives). Waiting on or wrapping a result is free.
+_COMM = {("_c10d_functional", COMMUNICATION): "all_reduce all_reduce_ all_reduce_coalesced all_reduce_coalesced_ "
+         "all_gather_into_tensor all_gather_into_tensor_coalesced all_gather_into_tensor_out reduce_scatter_tensor "
+         "reduce_scatter_tensor_coalesced reduce_scatter_tensor_out all_to_all_single broadcast broadcast_ isend irecv",
+         ("c10d", COMMUNICATION): "allreduce_ allreduce_coalesced_ allgather_ _allgather_base_ alltoall_ alltoall_base_ "
+         "allgather_into_tensor_coalesced_ reduce_scatter_ _reduce_scatter_base_ broadcast_ send recv_ reduce_ gather_ scatter_",
+         ("_c10d_functional", VIEW): "wait_tensor _wrap_tensor_autograd"}
+for (_ns, _class), _names in _COMM.items():
+    if _found := [getattr(getattr(torch.ops, _ns), n) for n in _names.split() if hasattr(getattr(torch.ops, _ns), n)]:
+        register_cost(_found, _free(_class))
+
+
 def sector_rounded_bytes(runs: int, run_bytes: int, sector_bytes: int) -> int:
     """Bytes moved by ``runs`` separate contiguous runs of ``run_bytes`` each, when memory moves
     in whole sectors of ``sector_bytes`` and each run starts on a sector boundary:

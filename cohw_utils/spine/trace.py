@@ -57,7 +57,13 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import sdpa_flop_count
+from torch.utils._pytree import tree_leaves
 from torch.utils.module_tracker import ModuleTracker
+
+try:  # DTensor: the tracer defers to it, to record per-rank (local) work
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch built without distributed
+    _DTensor = None
 
 from cohw_utils.spine import costs
 from cohw_utils.core.errors import ConfigError, UncostedOpError
@@ -254,6 +260,38 @@ def _dtype_name(args: tuple, kwargs: dict, out: Any) -> str:
     return str(ts[0].dtype).removeprefix("torch.") if ts else ""
 
 
+def _under_fake_mode() -> bool:
+    """Whether a fake-tensor mode is active (DTensor's metadata propagation runs under one)."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
+def _group_size(args: tuple) -> int:
+    """Ranks in the process group a collective names: by group name (functional collectives)
+    or by the ProcessGroup object (c10d ops); 1 if it names none."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    for a in tree_leaves(args):
+        if isinstance(a, str):
+            try:
+                return _resolve_process_group(a).size()
+            except Exception:  # not a group name (a reduce op, say): keep looking
+                continue
+        if isinstance(a, dist.ProcessGroup):
+            return a.size()
+    return 1
+
+
+def _collective_call(func: torch._ops.OpOverload, args: tuple, cost: costs.OpCost) -> dict:
+    """A collective row's group size and message bytes. The message is the buffer the
+    collective's cost formula takes (:mod:`cohw_utils.views.collectives`): the gathered output
+    of an all-gather or a receive, the input of every other collective."""
+    name = func._overloadpacket.__name__  # e.g. all_gather_into_tensor, _allgather_base_, recv_
+    by_output = "gather" in name or name.startswith("recv")
+    return {"op": f"{func.namespace}.{name}", "group_size": _group_size(args),
+            "nbytes": cost.bytes_written if by_output else cost.bytes_read}
+
+
 class _Recorder(TorchDispatchMode):
     """Dispatch mode that executes each op and appends one row per op to ``rows``."""
 
@@ -266,6 +304,7 @@ class _Recorder(TorchDispatchMode):
         self.uncosted: Counter[str] = Counter()
         self.paused = False  # set while the tracer itself creates tensors
         self.rule_errors: dict[str, str] = {}
+        self.collectives: dict[int, dict] = {}  # row position -> group size and message bytes
 
     def record(self, op: str, cost: costs.OpCost | None, args: tuple, kwargs: dict, out: Any) -> None:
         module = self.tracker.innermost()
@@ -313,7 +352,13 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.paused or func in _SKIP:
+        if _DTensor is not None and any(issubclass(t, _DTensor) for t in types):
+            # A DTensor op is global: let DTensor dispatch it, so that this mode records the
+            # local op (per-rank shapes) and any redistribution collective it issues.
+            return NotImplemented
+        if self.paused or func in _SKIP or _under_fake_mode():
+            # (DTensor's sharding propagation runs each op on fake tensors of *global* shape
+            # to learn the output's metadata: no work happens, so nothing is recorded.)
             return func(*args, **kwargs)
         rule = costs.rule_for(func, args, kwargs, None)
         if rule is None:
@@ -341,6 +386,8 @@ class _Recorder(TorchDispatchMode):
                 if self.strict:
                     raise UncostedOpError(f"{func}: {reason}; fix its rule in cohw_utils.spine.costs") from err
                 self.rule_errors[str(func)] = reason
+        if cost is not None and cost.op_class == costs.COMMUNICATION:
+            self.collectives[len(self.rows)] = _collective_call(func, args, cost)
         self.record(str(func), cost, args, kwargs, out)
         return out
 
@@ -420,6 +467,8 @@ def trace(fn: Callable[..., Any], *args: Any, model: torch.nn.Module | None = No
     table.attrs["uncosted"] = dict(recorder.uncosted)
     table.attrs["rule_errors"] = dict(recorder.rule_errors)
     table.attrs["sector_bytes"] = sector_bytes
+    if recorder.collectives:
+        table.attrs["collectives"] = dict(recorder.collectives)
     return table
 
 

@@ -28,7 +28,6 @@ Used by Chapter 4.6 (serving under load).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -38,6 +37,7 @@ import pandas as pd
 from cohw_utils.core.dtypes import bytes_per_element
 from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import Hardware, get_hardware
+from cohw_utils.hardware.specs import scaled  # noqa: F401  (the chapter's what-ifs call load.scaled)
 from cohw_utils.spine.phase_costs import load_cached, phase_cost_function, resolve_model
 from cohw_utils.views.kvcache import weight_bytes
 from cohw_utils.views.predictor import load_calibration, weight_format
@@ -94,16 +94,6 @@ def sharegpt_lengths(n: int, max_len: int = 2048, seed: int = 0) -> tuple[np.nda
 
     r = sample_requests(n, "sharegpt", max_len=max_len, seed=seed)
     return r["prompt"].to_numpy(), r["output"].to_numpy()
-
-
-def scaled(hw: Hardware, bandwidth: float = 1.0, capacity: float = 1.0, flops: float = 1.0,
-           name: str | None = None) -> Hardware:
-    """``hw`` with its memory bandwidth, capacity and every peak multiplied (same vendor, so the
-    same calibration applies): a what-if chip."""
-    label = name or hw.name + "".join(f" {k} x{v:g}" for k, v in
-                                      (("BW", bandwidth), ("capacity", capacity), ("FLOP/s", flops)) if v != 1.0)
-    return dataclasses.replace(hw, name=label, mem_bw=hw.mem_bw * bandwidth, mem_bytes=hw.mem_bytes * capacity,
-                               peak_flops={k: v * flops for k, v in hw.peak_flops.items()})
 
 
 def _check_slo(it: CostFunctionIteration, slo_ttft_s: float | None, slo_tpot_s: float | None, shortest: int) -> None:

@@ -1,0 +1,275 @@
+"""Sharded models and their per-rank op tables, from torch.distributed's own APIs (Chapter 4.7).
+
+A full-scale model on ``meta`` is split the way users split it, and traced as *one rank* sees it:
+
+* **Tensor parallelism** (``tp``): the model's own published plan (transformers'
+  ``config.base_model_tp_plan`` plus the causal-LM class's ``_tp_plan``: ``q/k/v/gate/up``
+  column-wise, ``o/down`` row-wise, the LM head column-wise with its output gathered) is
+  applied with ``torch.distributed.tensor.parallel.parallelize_module`` on a device mesh over
+  torch's *fake* process group (one process stands for every rank; collectives move nothing).
+  Each style maps to torch's ``ColwiseParallel``/``RowwiseParallel`` (:data:`TP_STYLES`).
+* **Pipeline parallelism** (``pp``, ``stage``): the stage's contiguous slice of decoder layers
+  (layers split evenly, the first stages taking one more where ``pp`` does not divide them), as
+  torch.distributed.pipelining's manual split builds a stage: the first stage embeds tokens, the
+  last one normalizes and runs the LM head, the others receive hidden states. The stage's
+  receive and send are added as ``c10d.recv_``/``c10d.send`` rows of one microbatch's hidden
+  state (batch x tokens x hidden x dtype bytes).
+
+What the trace records (:mod:`cohw_utils.spine.trace`): an op on DTensors is left to DTensor,
+so the table holds the *local* op each rank runs (per-rank shapes, so per-rank FLOPs and bytes)
+and every collective the sharding issues (all-reduce after a row-wise layer, all-gather of the
+LM head's logits) as a row of class ``communication``. Two columns are added to the op table:
+``group_size`` (ranks in the collective's group) and ``comm_bytes`` (the message its cost
+formula takes, :mod:`cohw_utils.views.collectives`); both are NaN on compute rows.
+
+The per-rank config: after sharding, ``config.num_attention_heads`` and
+``config.num_key_value_heads`` are the rank's share, so a decode cache is allocated per rank,
+as an engine does. A model whose heads (or KV heads) ``tp`` does not divide raises
+:class:`ShardError` (engines replicate KV heads there; that is not modelled).
+
+Used by Chapter 4.7 (parallelism) and ``python -m cohw_utils predict --tp/--pp``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import sys
+from typing import Any, Iterator
+
+import pandas as pd
+import torch
+from torch import nn
+
+from cohw_utils.core.errors import ConfigError
+from cohw_utils.core.opclasses import COMMUNICATION
+from cohw_utils.spine.trace import trace
+from cohw_utils.workloads import build
+
+__all__ = ["ShardError", "TP_STYLES", "fake_world", "model_tp_plan", "apply_tp", "stage_layers",
+           "per_rank_table", "collective_rows"]
+
+
+class ShardError(ConfigError):
+    """A model or plan that cannot be sharded as asked."""
+
+
+def _styles() -> dict[str, Any]:
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {
+        "colwise": ColwiseParallel,
+        "rowwise": RowwiseParallel,
+        # a fused [gate; up] or [q; k; v] Linear split by rows: the same FLOPs and bytes per rank
+        # as transformers' interleaved split
+        "packed_colwise": ColwiseParallel,
+        "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
+        "rowwise_split_input": lambda: RowwiseParallel(input_layouts=Replicate()),
+        "replicated_with_grad_allreduce": None,  # a small norm kept whole on every rank
+        "local": None,
+    }
+
+
+#: transformers' plan style names -> a torch ParallelStyle factory (None: left replicated).
+TP_STYLES: tuple[str, ...] = ("colwise", "rowwise", "packed_colwise", "colwise_gather_output",
+                              "rowwise_split_input", "replicated_with_grad_allreduce", "local")
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int) -> Iterator[None]:
+    """torch's fake process group of ``world_size`` ranks (this process is rank 0) for the
+    block; a process group already running (under torchrun) is used as it is."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        if dist.get_world_size() < world_size:
+            raise ShardError(f"the running process group has {dist.get_world_size()} ranks; "
+                             f"this plan needs {world_size}")
+        yield
+        return
+    hook = sys.excepthook  # init_process_group chains a '[rank0]:' prefix onto it: put it back after
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        sys.excepthook = hook
+
+
+def model_tp_plan(model: nn.Module) -> dict[str, str]:
+    """The model's own tensor-parallel plan: module pattern -> style name (transformers'
+    ``base_model_tp_plan`` under the base model's prefix, plus the head's ``_tp_plan``)."""
+    config = getattr(model, "config", None)
+    base = dict(getattr(config, "base_model_tp_plan", None) or {})
+    if not base:
+        raise ShardError(f"{type(model).__name__} publishes no tensor-parallel plan "
+                         "(config.base_model_tp_plan is empty): pass plan={pattern: style} yourself")
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    has_prefix = prefix and isinstance(getattr(model, prefix, None), nn.Module)
+    plan = {(f"{prefix}.{k}" if has_prefix else k): v for k, v in base.items()}
+    plan.update(dict(getattr(type(model), "_tp_plan", None) or {}))
+    return plan
+
+
+def _check_heads(config: Any, tp: int) -> None:
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    for what, n in (("attention heads", heads), ("KV heads", kv)):
+        if n is not None and n % tp:
+            raise ShardError(f"tp={tp} does not divide the model's {n} {what}: column-wise sharding "
+                             f"would split a head; pick tp among the divisors of {n}")
+
+
+def apply_tp(model: nn.Module, tp: int, plan: dict[str, str] | None = None) -> nn.Module:
+    """Shard ``model`` in place over a ``tp``-rank mesh of the running (fake or real) process
+    group with ``parallelize_module``; returns it, its config set to the rank's share of heads."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    if tp == 1:
+        return model
+    plan = model_tp_plan(model) if plan is None else plan
+    styles = _styles()
+    unknown = sorted({s for s in plan.values() if s not in styles})
+    if unknown:
+        raise ShardError(f"plan style(s) {unknown} have no torch ParallelStyle here (known: "
+                         f"{', '.join(TP_STYLES)}); MoE expert styles need expert parallelism, not modelled yet")
+    config = getattr(model, "config", None)
+    _check_heads(config, tp)
+    mesh = init_device_mesh("cpu", (tp,))
+    parallelize_module(model, mesh, {k: styles[v]() for k, v in plan.items()
+                                     if styles[v] is not None and _targets(model, k)})
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        if getattr(config, key, None):
+            setattr(config, key, getattr(config, key) // tp)
+    return model
+
+
+def _targets(model: nn.Module, pattern: str) -> bool:
+    """Whether a plan pattern (``*`` = one path component) names a Linear or Embedding of this
+    model: a pipeline stage without the LM head, say, drops the head's entry."""
+    rx = re.compile(re.escape(pattern).replace(r"\*", r"[^.]+"))
+    return any(rx.fullmatch(name) and isinstance(m, (nn.Linear, nn.Embedding))
+               for name, m in model.named_modules())
+
+
+def stage_layers(n_layers: int, pp: int, stage: int) -> range:
+    """The decoder layers of pipeline ``stage`` (0-based) of ``pp``: contiguous, even, the first
+    ``n_layers % pp`` stages one layer more."""
+    if not (isinstance(pp, int) and pp >= 1 and isinstance(stage, int) and 0 <= stage < pp):
+        raise ShardError(f"pipeline stage {stage!r} of pp={pp!r}: pp must be a whole number >= 1 and stage in 0..pp-1")
+    if pp > n_layers:
+        raise ShardError(f"pp={pp} is more stages than the model's {n_layers} layers")
+    base, extra = divmod(n_layers, pp)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (1 if stage < extra else 0))
+
+
+class _Received(nn.Module):
+    """Stands for a pipeline stage's input: the hidden states the previous stage sent."""
+
+    def __init__(self, hidden: int, dtype: torch.dtype):
+        super().__init__()
+        self.hidden, self.dtype = hidden, dtype
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.empty(*input_ids.shape, self.hidden, dtype=self.dtype, device=input_ids.device)
+
+
+def _keep_stage(model: nn.Module, pp: int, stage: int) -> tuple[int, int]:
+    """Cut ``model`` to one pipeline stage; returns (first layer index, layers kept)."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ShardError(f"{type(model).__name__}: a pipeline split needs a decoder whose layers are "
+                         "model.<base>.layers (a ModuleList)")
+    keep = stage_layers(len(layers), pp, stage)
+    base.layers = nn.ModuleList(layers[i] for i in keep)
+    config = model.config
+    for i, layer in enumerate(base.layers):  # the stage's cache holds only its layers
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = i
+    types = getattr(config, "layer_types", None)
+    if types:
+        config.layer_types = [types[i] for i in keep]
+    config.num_hidden_layers = len(keep)
+    if stage > 0:
+        base.embed_tokens = _Received(config.hidden_size, model.dtype)
+    if stage < pp - 1:
+        base.norm = nn.Identity()
+        model.lm_head = nn.Identity()
+    return keep.start, len(keep)
+
+
+def collective_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The op table with ``group_size`` and ``comm_bytes`` filled from the trace's record of each
+    collective (NaN on every other row)."""
+    out = table.copy()
+    out["group_size"] = math.nan
+    out["comm_bytes"] = math.nan
+    for pos, c in table.attrs.get("collectives", {}).items():
+        out.iat[pos, out.columns.get_loc("group_size")] = c["group_size"]
+        out.iat[pos, out.columns.get_loc("comm_bytes")] = c["nbytes"]
+    out.attrs = dict(table.attrs)
+    return out
+
+
+def _p2p_rows(table: pd.DataFrame, stage: int, pp: int, tokens: int, hidden: int, dtype: torch.dtype,
+              phase: str) -> pd.DataFrame:
+    nbytes = tokens * hidden * torch.empty((), dtype=dtype).element_size()
+    rows = []
+    for op, needed, read, written in (("c10d.recv_.default", stage > 0, 0, nbytes),
+                                      ("c10d.send.default", stage < pp - 1, nbytes, 0)):
+        if needed:
+            rows.append({**{c: None for c in table.columns}, "op": op, "module": "<pipeline>",
+                         "module_class": "", "phase": phase, "pass": "forward", "op_class": COMMUNICATION,
+                         "input_shapes": (), "output_shapes": (), "dtype": str(dtype).replace("torch.", ""),
+                         "flops": 0, "flops_effective": 0, "macs": 0, "bytes_read": read,
+                         "bytes_written": written, "intensity": math.nan, "costed": True,
+                         "group_size": 2, "comm_bytes": nbytes})
+    if not rows:
+        return table
+    out = pd.concat([table, pd.DataFrame(rows, columns=table.columns)], ignore_index=True)
+    out.attrs = dict(table.attrs)
+    return out
+
+
+def per_rank_table(workload: Any, phase: str = "prefill", *, tp: int = 1, pp: int = 1, stage: int = 0,
+                   batch: int = 1, seq_len: int | None = None, dtype: Any = None,
+                   plan: dict[str, str] | None = None, **options: Any) -> pd.DataFrame:
+    """The op table of one rank of ``workload`` (a registry name or config path) under
+    ``tp``-way tensor and ``pp``-way pipeline parallelism, pipeline ``stage``, for ``phase``
+    at the global ``batch`` and ``seq_len`` (one microbatch: the whole batch).
+
+    Rows as :func:`cohw_utils.spine.trace.trace`, plus ``group_size`` and ``comm_bytes``;
+    ``table.attrs`` gains ``parallel`` = {tp, pp, stage, first_layer, layers}.
+    """
+    for name, v in (("tp", tp), ("pp", pp)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ShardError(f"{name}={v!r}: must be a whole number of devices >= 1")
+    built = build(workload, scale="full", device="meta", dtype=dtype, batch=batch, seq_len=seq_len, **options)
+    if phase not in built.phases:
+        raise ShardError(f"{built.workload.name} has no phase {phase!r}; phases: {', '.join(built.phases)}")
+    model = built.model
+    first, n = 0, getattr(model.config, "num_hidden_layers", 0)
+    if pp > 1:
+        first, n = _keep_stage(model, pp, stage)
+    elif stage != 0:
+        raise ShardError(f"stage={stage} needs pp > 1")
+    with fake_world(tp):
+        apply_tp(model, tp, plan)
+        args, kwargs = built.phases[phase].make_inputs()
+        table = trace(built.phases[phase].run, *args, model=model, phase=phase, **kwargs)
+    table = collective_rows(table)
+    tokens = batch * (1 if phase == "decode" else (seq_len or _seq_len_of(kwargs)))
+    table = _p2p_rows(table, stage, pp, tokens, model.config.hidden_size, built.dtype, phase)
+    table.attrs["parallel"] = {"tp": tp, "pp": pp, "stage": stage, "first_layer": first, "layers": n}
+    return table
+
+
+def _seq_len_of(kwargs: dict) -> int:
+    ids = kwargs.get("input_ids")
+    return int(ids.shape[-1]) if isinstance(ids, torch.Tensor) else 1
