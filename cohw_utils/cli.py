@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="efficiencies fitted on the ledger (default)")
     mode.add_argument("--ideal", dest="calibrated", action="store_false",
                       help="100%% of spec, unfused bytes, no overhead")
+    r.add_argument("--tp", type=_positive_int, default=1,
+                   help="tensor-parallel degree: predict one rank of the model's own TP plan (default 1)")
+    r.add_argument("--link", default=None, help="interconnect for --tp > 1, a name in "
+                                               "cohw_utils/data/interconnects.csv (e.g. nvlink4-h100)")
     r.add_argument("--json", action="store_true", help="print JSON instead of text")
     w = sub.add_parser("sweep", help="costs (and step times on a chip) of one phase over a grid of shapes, "
                                      "from the phase's cost function")
@@ -266,8 +270,36 @@ def _print_text(t: dict) -> None:
               + ", ".join(f"{op} x{n}" for op, n in t["uncosted"].items()))
 
 
+def _predict_tp(args: argparse.Namespace) -> int:
+    from cohw_utils.hardware import get_interconnect, load_interconnects
+    from cohw_utils.studies.parallel.scaling import tp_curve
+
+    if args.link is None:
+        raise CohwError(f"--tp {args.tp} needs --link, the interconnect between the chips: one of "
+                        f"{', '.join(sorted(load_interconnects()))}")
+    link = get_interconnect(args.link)
+    c = tp_curve(args.workload, args.hardware, link, [args.tp], batch=args.batch, input_len=args.input_len,
+                 output_len=args.output_len, dtype=args.dtype, weight_fmt=args.weights or args.dtype,
+                 calibration="calibrated" if args.calibrated else None)
+    row = {k: float(v) for k, v in c.loc[args.tp].items()}
+    if args.json:
+        print(json.dumps({"tp": args.tp, "link": link.name, "mode": c.attrs["calibration"], **row}, indent=2))
+        return 0
+    print(f"{args.workload} on {args.tp} x {c.attrs['hardware']} over {link.name}: batch {args.batch}, "
+          f"{args.input_len} in / {args.output_len} out ({c.attrs['calibration']}, one rank)")
+    for key in ("prefill compute (ms)", "prefill comm (ms)", "decode compute (ms)", "decode comm (ms)",
+                "TTFT (ms)", "TPOT (ms)", "tokens/s", "tokens/s per device"):
+        print(f"  {key:<22}{row[key]:>12,.3f}")
+    print("  assumptions:\n    - every collective on the critical path (no overlap), ring algorithms "
+          "(cohw_utils.views.collectives)\n    - per-rank tables from the model's own TP plan "
+          "(cohw_utils.spine.shard)")
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from cohw_utils.studies.validation.predict import predict_request
+    if args.tp > 1 or args.link is not None:
+        return _predict_tp(args)
     p = predict_request(args.workload, args.hardware, batch=args.batch, input_len=args.input_len,
                         output_len=args.output_len, dtype=args.dtype, weight_fmt=args.weights,
                         calibrated=args.calibrated, cost_function=True)

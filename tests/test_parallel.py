@@ -142,3 +142,16 @@ def test_host_link_fit_recovers_a_known_link():
     mib = 2**20
     assert ddp_buckets(60 * mib, 25 * mib) == [mib, 25 * mib, 25 * mib, 9 * mib]
     assert ddp_buckets(mib // 2, 25 * mib) == [mib // 2]
+
+
+def test_predict_command_takes_a_tensor_parallel_degree(capsys):
+    import json
+
+    from cohw_utils.cli import EXIT_BAD_INPUT, main
+
+    assert main(["predict", "llama-2-7b", "--hardware", "A100-80GB", "--tp", "2"]) == EXIT_BAD_INPUT
+    assert "--link" in capsys.readouterr().err
+    assert main(["predict", "llama-2-7b", "--hardware", "A100-80GB", "--tp", "2", "--link", "nvlink3-a100",
+                 "--input-len", "16", "--output-len", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tp"] == 2 and out["decode comm (ms)"] > 0 and out["tokens/s per device"] == pytest.approx(out["tokens/s"] / 2)
