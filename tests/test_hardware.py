@@ -250,7 +250,9 @@ def test_quick_probe_measures_and_round_trips_through_cache(
     text = probe.describe_probe(result)
     assert text.count("\npeak GEMM ") == len(result["gemm"]) and "=> roofline: fp32 ridge" in text
     assert text.splitlines()[-1] == f"method: {result['method']}"
-    assert result["mem_bw"] > 1e8
+    assert result["mem_bw"] > 1e8 and result["read_bw"] > 1e8
+    assert result["schema"] == probe.SCHEMA == 2
+    assert "read bandwidth (read-only stream" in text
     assert result["machine"]["llc_bytes"] > 0
     assert result["machine"]["torch_num_threads"] == torch.get_num_threads()
     assert result["bandwidth"]["array_bytes"] >= 4 * result["machine"]["llc_bytes"]
@@ -278,7 +280,7 @@ def _fake_measurements(monkeypatch: pytest.MonkeyPatch, bf16: float | None = 2e9
                 "sizes": {}}
 
     def bandwidth(llc: int, quick: bool = False) -> dict[str, object]:
-        return {"array_bytes": 8 * llc, "mem_bw": 1e10, "reason": None, "kernels": {}}
+        return {"array_bytes": 8 * llc, "mem_bw": 1e10, "read_bw": 9e9, "reason": None, "kernels": {}}
 
     monkeypatch.setattr(probe, "measure_gemm", gemm)
     monkeypatch.setattr(probe, "measure_bandwidth", bandwidth)
@@ -333,6 +335,25 @@ def test_host_without_bf16_or_bandwidth(cache_dir: Path, monkeypatch: pytest.Mon
         probe.hardware_from_probe({**result, "mem_bw": None, "mem_bw_reason": "out of memory"})
 
 
+def test_bandwidth_kernels_count_stream_and_write_allocate_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """read 1x / copy 2x / add 3x the array bytes (STREAM); copy 3x, add 4x with the destination
+    line fetched first (write-allocate); read_bw is the read kernel, mem_bw copy/add STREAM."""
+    monkeypatch.setitem(probe._BW_PLAN, True, (1, 1, 3))          # 1 MiB arrays, 3 calls
+    r = probe.measure_bandwidth(2**20, quick=True)
+    assert r["array_bytes"] == 2**20
+    k = r["kernels"]
+    assert {n: (v["bytes_per_call"], v["bytes_per_call_write_allocate"]) for n, v in k.items()} == {
+        "read": (2**20, 2**20), "copy": (2 * 2**20, 3 * 2**20), "add": (3 * 2**20, 4 * 2**20)}
+    for name, v in k.items():
+        assert v["bytes_per_s"]["best"] == pytest.approx(v["bytes_per_call"] / min(v["seconds"]))
+        ratio = {"read": 1, "copy": 3 / 2, "add": 4 / 3}[name]
+        assert v["bytes_per_s_write_allocate"]["best"] == pytest.approx(ratio * v["bytes_per_s"]["best"])
+    assert r["read_bw"] == k["read"]["bytes_per_s"]["best"]
+    assert r["mem_bw"] == max(k["copy"]["bytes_per_s"]["best"], k["add"]["bytes_per_s"]["best"])
+    assert r["mem_bw_write_allocate"] == max(k["copy"]["bytes_per_s_write_allocate"]["best"],
+                                             k["add"]["bytes_per_s_write_allocate"]["best"])
+
+
 def test_cache_size_parsing_and_llc_detection() -> None:
     assert probe._parse_size("32768K") == 32 * 2**20
     assert probe._parse_size("32 MiB") == 32 * 2**20
@@ -347,3 +368,75 @@ def test_probe_result_is_a_hardware(cache_dir: Path, monkeypatch: pytest.MonkeyP
     assert isinstance(host, Hardware)
     assert host.peak("fp32") == 1e9 and host.peak("bf16") == 2e9 and host.mem_bw == 1e10
     assert "host" in hardware_table(include_host=True).index
+
+
+# ----------------------------------------------------------------------------- ISA spec peak
+def _cpuinfo(vendor: str, family: int, model: int, flags: str, cores: list[tuple[int, int]],
+             mhz: float | None = 2000.0) -> str:
+    """A /proc/cpuinfo text with one block per logical CPU at the (physical id, core id) given."""
+    blocks = []
+    for i, (pkg, core) in enumerate(cores):
+        lines = [f"processor\t: {i}", f"vendor_id\t: {vendor}", f"cpu family\t: {family}",
+                 f"model\t\t: {model}", "model name\t: Test CPU", f"physical id\t: {pkg}", f"core id\t\t: {core}"]
+        if mhz is not None:
+            lines.append(f"cpu MHz\t\t: {mhz}")
+        lines.append(f"flags\t\t: fpu sse2 {flags}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+SKYLAKE_SP = _cpuinfo("GenuineIntel", 6, 85, "avx avx2 fma avx512f", [(0, 0), (0, 1), (0, 0), (0, 1)])
+LSCPU_3GHZ = "Architecture: x86_64\nCPU(s): 4\nCPU max MHz: 3000.0000\nCPU min MHz: 1000.0000\n"
+
+
+def test_isa_peak_by_hand_on_a_hyperthreaded_avx512_core() -> None:
+    from cohw_utils.hardware import isa
+
+    facts = isa.read_cpu_facts(SKYLAKE_SP, LSCPU_3GHZ)
+    assert facts.logical_cpus == 4 and facts.physical_cores == 2 and facts.mhz == 3000.0
+    peaks = isa.isa_peaks(facts)
+    # 2 physical cores x 3.0 GHz x 2 FMA x 8 fp64 lanes (512-bit) x 2 FLOPs = 192 GFLOP/s
+    assert peaks["fp64"].flops == pytest.approx(2 * 3.0e9 * 2 * 8 * 2)
+    assert peaks["fp32"].flops == pytest.approx(2 * 3.0e9 * 2 * 16 * 2)
+    assert peaks["fp64"].cores_kind == "physical" and "CPU max MHz" in peaks["fp64"].ghz_source
+    assert peaks["bf16"].flops is None and "no bf16 arithmetic" in peaks["bf16"].reason
+    assert "no ISA peak" in peaks["bf16"].describe() and "192.0 GFLOP/s" in peaks["fp64"].describe()
+    assert peaks["fp64"].implied_ghz(96e9) == pytest.approx(1.5)      # half the peak = half the clock
+    one = isa.isa_peak("fp64", facts, fma_units=1, ghz=2.0)             # overrides: a Xeon Silver at 2 GHz
+    assert one.flops == pytest.approx(2 * 2.0e9 * 1 * 8 * 2) and one.fma_source == "given"
+
+
+def test_isa_peak_bf16_rules_and_families() -> None:
+    from cohw_utils.hardware import isa
+
+    amx = isa.read_cpu_facts(_cpuinfo("GenuineIntel", 6, 143, "avx2 avx512f avx512_bf16 amx_bf16 amx_tile",
+                                      [(0, 0), (0, 1)]), LSCPU_3GHZ)
+    assert isa.isa_peak("bf16", amx).flops == pytest.approx(2 * 3.0e9 * 1024)   # AMX: 1024 FLOP/cycle/core
+    zen4 = isa.read_cpu_facts(_cpuinfo("AuthenticAMD", 25, 17, "avx2 avx512f avx512_bf16", [(0, 0)]), "")
+    bf16 = isa.isa_peak("bf16", zen4)
+    # no lscpu: the cpuinfo clock (2.0 GHz), labelled; Zen 4 = one 512-bit FMA per cycle; 32 bf16 lanes
+    assert bf16.flops == pytest.approx(1 * 2.0e9 * 1 * 32 * 2) and "cpu MHz" in bf16.ghz_source
+    assert bf16.fma_units == 1 and "Zen 4" in bf16.fma_source
+    zen3 = isa.read_cpu_facts(_cpuinfo("AuthenticAMD", 25, 1, "avx2 fma", [(0, 0)]), "")
+    assert isa.isa_peak("fp32", zen3).flops == pytest.approx(2.0e9 * 2 * 8 * 2)   # 256-bit, 2 FMA
+
+
+def test_isa_peak_missing_facts_and_bad_input() -> None:
+    from cohw_utils.hardware import isa
+
+    no_clock = isa.read_cpu_facts(_cpuinfo("GenuineIntel", 6, 85, "avx2", [(0, 0)], mhz=None), "")
+    p = isa.isa_peak("fp32", no_clock)
+    assert p.flops is None and "pass ghz=" in p.reason                 # never a silent 0
+    assert isa.isa_peak("fp32", no_clock, ghz=1.0).flops == pytest.approx(1.0e9 * 2 * 8 * 2)
+    no_core_id = "processor\t: 0\nvendor_id\t: X\ncpu MHz\t\t: 1000\nflags\t\t: sse2\n\nprocessor\t: 1\nvendor_id\t: X\n"
+    facts = isa.read_cpu_facts(no_core_id, "")
+    q = isa.isa_peak("fp64", facts)
+    assert facts.physical_cores is None and q.cores == 2 and q.cores_kind.startswith("logical")
+    assert q.flops == pytest.approx(2 * 1.0e9 * 2 * 2 * 2)             # 128-bit: 2 fp64 lanes, default 2 FMA
+    assert "default" in q.fma_source
+    with pytest.raises(HardwareError, match="no ISA peak rule"):
+        isa.isa_peak("fp8", facts)
+    with pytest.raises(HardwareError, match="ghz must be a positive"):
+        isa.isa_peak("fp32", facts, ghz=0)
+    here = isa.isa_peak("fp32")                                      # this machine: a positive peak or a reason
+    assert (here.flops is None) == (here.reason is not None) and (here.flops is None or here.flops > 0)

@@ -9,13 +9,29 @@ What is measured (all rates per second, SI: 1 GFLOP/s = 1e9 FLOP/s, 1 GB/s = 1e9
   over all sizes. A dtype torch cannot multiply on this CPU is recorded as ``None`` with the
   reason; larger sizes are skipped when the estimated time would blow the time budget.
 * **Bandwidth**: float32 arrays far larger than the last-level cache (full mode: at least 8x
-  the LLC and at least 256 MiB each; quick mode: 4x and 64 MiB). Two kernels:
-  ``dst.copy_(src)`` counts 2 x array bytes (read src + write dst) and
-  ``torch.add(a, b, out=c)`` counts 3 x array bytes (read a, b + write c). Write-allocate
-  traffic (reading ``dst``/``c`` into cache before writing) is *not* counted, as in STREAM,
-  so the figure is what a kernel that moves those bytes can expect, not the bus maximum.
-  The host's ``mem_bw`` is the best rate of either kernel.
-* torch runs both on all its intra-op threads (``torch.get_num_threads()``, recorded).
+  the LLC and at least 256 MiB each; quick mode: 4x and 64 MiB). Three kernels, each counted
+  two ways:
+
+  ======  =============================  ================  ========================
+  kernel  call                           STREAM bytes      write-allocate bytes
+  ======  =============================  ================  ========================
+  read    ``torch.sum(a)``               1 x array         1 x array
+  copy    ``dst.copy_(src)``             2 x array         3 x array
+  add     ``torch.add(a, b, out=c)``     3 x array         4 x array
+  ======  =============================  ================  ========================
+
+  The STREAM convention counts the bytes the kernel asks for. The write-allocate column adds
+  one read of every destination line, which a write-back cache fetches before the store
+  overwrites it: an *assumption* about x86 cores whose library kernels use ordinary
+  (not non-temporal, streaming) stores; a kernel with non-temporal stores, or a core that
+  skips the fetch for full-line writes, moves the STREAM bytes. The read kernel writes one
+  scalar, so its two counts agree: it is the kernel that matches LLM decoding, which reads
+  weights and KV cache and writes almost nothing. ``read_bw`` = the read kernel's best rate
+  (the denominator of MBU, :mod:`cohw_utils.studies.performance.mbu`); ``mem_bw`` = the best
+  STREAM-convention rate of copy and add (the host roofline's bandwidth, as in STREAM: what a
+  kernel that moves those bytes can expect, not the bus maximum); ``mem_bw_write_allocate``
+  = the best write-allocate-aware rate of copy and add.
+* torch runs every kernel on all its intra-op threads (``torch.get_num_threads()``, recorded).
 
 Results are cached as JSON in ``$COHW_CACHE_DIR`` (default ``~/.cache/cohw``), keyed by CPU
 model, logical CPU count, thread count, torch version and mode, so a different machine or
@@ -41,7 +57,7 @@ from cohw_utils.core.errors import HardwareError
 from cohw_utils.core.timing import time_callable
 from cohw_utils.hardware.specs import Hardware
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the read kernel, read_bw and write-allocate-aware bytes
 MIB = 2**20
 
 #: Matrix sizes, repeats and time budget (seconds per dtype) for each mode.
@@ -56,10 +72,12 @@ _DEFAULT_LLC = 32 * MIB
 METHOD = (
     "GEMM: torch.matmul(a, b, out=c) on square n x n matrices, FLOPs = 2*n^3 per call; "
     "warm-up then timed repeats (time.perf_counter per call); peak = best rate over sizes. "
-    "Bandwidth: float32 arrays >= {mult}x LLC and >= {min_mib} MiB each; copy = dst.copy_(src) "
-    "counting 2 x array bytes (read+write), add = torch.add(a, b, out=c) counting 3 x array "
-    "bytes (2 reads + 1 write); write-allocate traffic not counted (as in STREAM); "
-    "mem_bw = best rate of the two kernels. torch uses torch.get_num_threads() threads."
+    "Bandwidth: float32 arrays >= {mult}x LLC and >= {min_mib} MiB each; read = torch.sum(a) "
+    "counting 1 x array bytes; copy = dst.copy_(src) counting 2 x array bytes (STREAM) or 3 x "
+    "(write-allocate: the destination line is read before it is written, assumed for x86 without "
+    "non-temporal stores); add = torch.add(a, b, out=c) counting 3 x (STREAM) or 4 x; "
+    "read_bw = best read rate (decode's denominator), mem_bw = best STREAM rate of copy and add. "
+    "torch uses torch.get_num_threads() threads."
 )
 
 
@@ -201,20 +219,27 @@ def measure_gemm(dtype_name: str, quick: bool = False) -> dict[str, Any]:
     return {"peak_flops": best_rate, "reason": None, "sizes": sizes}
 
 
-def measure_bandwidth(llc_bytes: int, quick: bool = False) -> dict[str, Any]:
-    """Streaming bandwidth (bytes/s) of a copy and an add kernel on arrays far beyond the LLC.
+#: (kernel, STREAM-convention multiple of the array bytes, write-allocate-aware multiple).
+BANDWIDTH_KERNELS: tuple[tuple[str, int, int], ...] = (("read", 1, 1), ("copy", 2, 3), ("add", 3, 4))
 
-    Returns ``{"array_bytes", "mem_bw": best rate or None, "reason", "kernels": {...}}``;
-    each kernel has ``bytes_per_call`` (the counted read+write bytes), ``seconds`` and
-    ``bytes_per_s`` (best/median/min/max summary).
+
+def measure_bandwidth(llc_bytes: int, quick: bool = False) -> dict[str, Any]:
+    """Streaming bandwidth (bytes/s) of a read, a copy and an add kernel on arrays far beyond
+    the LLC (see the module docstring for what each counts).
+
+    Returns ``{"array_bytes", "read_bw", "mem_bw", "mem_bw_write_allocate", "reason",
+    "kernels": {...}}``; each kernel has ``bytes_per_call`` (STREAM convention) and
+    ``bytes_per_call_write_allocate``, ``seconds`` and ``bytes_per_s`` /
+    ``bytes_per_s_write_allocate`` (best/median/min/max summaries). ``None`` rates carry the
+    reason.
     """
     import torch
 
     multiple, min_mib, repeats = _BW_PLAN[quick]
     array_bytes = max(multiple * llc_bytes, min_mib * MIB)
     numel = array_bytes // 4
-    result: dict[str, Any] = {"array_bytes": numel * 4, "mem_bw": None, "reason": None,
-                              "kernels": {}}
+    result: dict[str, Any] = {"array_bytes": numel * 4, "read_bw": None, "mem_bw": None,
+                              "mem_bw_write_allocate": None, "reason": None, "kernels": {}}
     try:
         a = torch.ones(numel, dtype=torch.float32)  # ones/zeros touch every page up front
         b = torch.ones(numel, dtype=torch.float32)
@@ -222,19 +247,26 @@ def measure_bandwidth(llc_bytes: int, quick: bool = False) -> dict[str, Any]:
     except (RuntimeError, MemoryError) as err:
         result["reason"] = f"cannot allocate 3 x {numel * 4 / MIB:.0f} MiB: {err}".splitlines()[0]
         return result
-    kernels: dict[str, tuple[Callable[[], object], int]] = {
-        "copy": (lambda: c.copy_(a), 2 * numel * 4),
-        "add": (lambda: torch.add(a, b, out=c), 3 * numel * 4),
+    calls: dict[str, Callable[[], object]] = {
+        "read": lambda: torch.sum(a),
+        "copy": lambda: c.copy_(a),
+        "add": lambda: torch.add(a, b, out=c),
     }
-    deadline = time.perf_counter() + (2.0 if quick else 10.0)
-    for name, (call, nbytes) in kernels.items():
-        times = _time_calls(call, 1, repeats, deadline)
+    budget = 1.0 if quick else 5.0  # seconds per kernel
+    for name, stream, allocate in BANDWIDTH_KERNELS:
+        times = _time_calls(calls[name], 1, repeats, time.perf_counter() + budget)
+        nbytes, nbytes_wa = stream * numel * 4, allocate * numel * 4
         result["kernels"][name] = {
             "bytes_per_call": nbytes,
+            "bytes_per_call_write_allocate": nbytes_wa,
             "seconds": times,
             "bytes_per_s": _summary([nbytes / t for t in times]),
+            "bytes_per_s_write_allocate": _summary([nbytes_wa / t for t in times]),
         }
-    result["mem_bw"] = max(k["bytes_per_s"]["best"] for k in result["kernels"].values())
+    k = result["kernels"]
+    result["read_bw"] = k["read"]["bytes_per_s"]["best"]
+    result["mem_bw"] = max(k[n]["bytes_per_s"]["best"] for n in ("copy", "add"))
+    result["mem_bw_write_allocate"] = max(k[n]["bytes_per_s_write_allocate"]["best"] for n in ("copy", "add"))
     return result
 
 
@@ -289,7 +321,8 @@ def probe_host(quick: bool = False, cache: bool = True, refresh: bool = False) -
     ``cache=False`` neither reads nor writes the cache; ``refresh=True`` re-measures and
     overwrites it. The result is a JSON-able dict: ``peak_flops`` (``{'fp32': FLOP/s or
     None, 'bf16': ...}``), ``peak_reasons`` (why a dtype is None), ``mem_bw`` (bytes/s or
-    None), ``gemm`` and ``bandwidth`` (per-size / per-kernel detail), ``machine`` (CPU model,
+    None: best STREAM-convention copy/add rate), ``read_bw`` (bytes/s of the read-only kernel,
+    or None), ``gemm`` and ``bandwidth`` (per-size / per-kernel detail), ``machine`` (CPU model,
     counts, torch version and threads, LLC), ``date``, ``quick``, ``method``, ``elapsed_s``,
     ``load_average`` (1-minute, before measuring) and ``contended`` (load above
     ``BUSY_LOAD`` per CPU: the result is then not cached, since other processes shared the
@@ -314,6 +347,7 @@ def probe_host(quick: bool = False, cache: bool = True, refresh: bool = False) -
         "peak_flops": {d: g["peak_flops"] for d, g in gemm.items()},
         "peak_reasons": {d: g["reason"] for d, g in gemm.items() if g["reason"]},
         "mem_bw": bandwidth["mem_bw"],
+        "read_bw": bandwidth.get("read_bw"),
         "mem_bw_reason": bandwidth["reason"],
         "gemm": gemm,
         "bandwidth": bandwidth,
@@ -356,6 +390,8 @@ def hardware_from_probe(result: dict[str, Any]) -> Hardware:
         f"{machine['torch_num_threads']} torch threads, torch {machine['torch_version']}; "
         f"LLC from {machine['llc_source']}); {'quick' if result['quick'] else 'full'} probe. "
         + (f"Not measured: {skipped}. " if skipped else "")
+        + (f"Read-only bandwidth (read_bw, the decode denominator): {result['read_bw'] / 1e9:.1f} GB/s; "
+           f"mem_bw is the copy/add STREAM figure. " if result.get("read_bw") else "")
         + result["method"]
     )
     return Hardware(
@@ -400,9 +436,19 @@ def describe_probe(probe_result: dict[str, Any]) -> str:
         lines.append(f"peak GEMM {d}: {(g['peak_flops'] or 0) / 1e9:.0f} GFLOP/s  [{sizes}]")
     for k, v in probe_result["bandwidth"]["kernels"].items():
         b = v["bytes_per_s"]
-        lines.append(f"bandwidth {k}: best {b['best'] / 1e9:.1f} GB/s, median {b['median'] / 1e9:.1f}, "
-                     f"min {b['min'] / 1e9:.1f}, max {b['max'] / 1e9:.1f} over {len(v['seconds'])} calls "
-                     f"on {probe_result['bandwidth']['array_bytes'] / 2**20:.0f} MiB arrays")
+        line = (f"bandwidth {k}: best {b['best'] / 1e9:.1f} GB/s, median {b['median'] / 1e9:.1f}, "
+                f"min {b['min'] / 1e9:.1f}, max {b['max'] / 1e9:.1f} over {len(v['seconds'])} calls "
+                f"on {probe_result['bandwidth']['array_bytes'] / 2**20:.0f} MiB arrays "
+                f"({v['bytes_per_call'] // probe_result['bandwidth']['array_bytes']}x array bytes"
+                + (", STREAM)" if v.get("bytes_per_call_write_allocate", 0) != v["bytes_per_call"] else ")"))
+        wa = v.get("bytes_per_s_write_allocate")
+        if wa and v.get("bytes_per_call_write_allocate") != v["bytes_per_call"]:
+            line += (f"; write-allocate-aware ({v['bytes_per_call_write_allocate'] // probe_result['bandwidth']['array_bytes']}x): "
+                     f"best {wa['best'] / 1e9:.1f}, median {wa['median'] / 1e9:.1f} GB/s")
+        lines.append(line)
+    if probe_result.get("read_bw"):
+        lines.append(f"=> read bandwidth (read-only stream, MBU's denominator) {probe_result['read_bw'] / 1e9:.1f} GB/s; "
+                     f"roofline bandwidth (best copy/add, STREAM bytes) {probe_result['mem_bw'] / 1e9:.1f} GB/s")
     lines.append(f"=> roofline: fp32 ridge {host.ridge_point('fp32'):.1f} FLOP/B"
                  + (f", bf16 ridge {host.ridge_point('bf16'):.1f} FLOP/B" if "bf16" in host.peak_flops else ""))
     lines.append(f"method: {probe_result['method']}")
@@ -413,5 +459,5 @@ if __name__ == "__main__":  # python -m cohw_utils.hardware.probe [--quick] [--r
     import sys
 
     res = probe_host(quick="--quick" in sys.argv, refresh="--refresh" in sys.argv)
-    print(json.dumps({k: res[k] for k in ("peak_flops", "peak_reasons", "mem_bw", "machine",
+    print(json.dumps({k: res[k] for k in ("peak_flops", "peak_reasons", "mem_bw", "read_bw", "machine",
                                           "elapsed_s")}, indent=1))
