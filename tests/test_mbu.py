@@ -76,8 +76,8 @@ def test_random_llm_and_decode_run(tmp_path, monkeypatch):
     path = _tiny_config(tmp_path)
     model = mbu.build_random_llm(path, "fp32")
     assert torch.isfinite(model.model.rotary_emb.inv_freq).all()       # rebuilt after to_empty
-    fake = {"mem_bw": 10e9, "array_bytes": 2**26, "reason": None,
-            "kernels": {"copy": {"bytes_per_call": 2e8, "seconds": [0.02, 0.04],
+    fake = {"read_bw": 10e9, "mem_bw": 8e9, "mem_bw_write_allocate": 12e9, "array_bytes": 2**26, "reason": None,
+            "kernels": {"read": {"bytes_per_call": 2e8, "seconds": [0.02, 0.04],
                                  "bytes_per_s": {"best": 10e9, "median": 7.5e9, "min": 5e9, "max": 10e9}}}}
     monkeypatch.setattr(mbu.probe, "measure_bandwidth", lambda llc, quick=False: fake)
     run = mbu.mbu_benchmark(path, "fp32", prompt_len=8, new_tokens=4, gemv=False)
@@ -86,10 +86,21 @@ def test_random_llm_and_decode_run(tmp_path, monkeypatch):
     w = mbu.weight_bytes_read(model)
     assert run.kv_bytes_per_token == kv
     assert run.bytes_per_token == pytest.approx(w + kv * (10 + 1.5 + 1))   # mean context 11.5, +1 written
+    # the denominator is the read kernel (2e8 B in 0.02 s = 10 GB/s), not copy/add
     assert run.bw_before.best == 10e9 and run.bw_before.median == 7.5e9 and run.bw_before.min == 5e9
+    assert run.bw_before.others == {mbu.COPY_STREAM: 8e9, mbu.COPY_WRITE_ALLOCATE: 12e9}
     s = run.summary()
     assert s["MBU_vs_before_best_%"] == pytest.approx(100 * run.achieved_bw / 10e9)
+    assert s["MBU_vs_copy_before_%"] == pytest.approx(100 * run.achieved_bw / 8e9)     # beside it, labelled
+    assert s["MBU_vs_copy_write_allocate_before_%"] == pytest.approx(100 * run.achieved_bw / 12e9)
+    assert s["read_bw_before_GBps"] == 10.0 and s["copy_bw_before_GBps"] == 8.0
     assert s["tokens_per_s"] == pytest.approx(1 / run.timing.median)
+    assert "copy/add (STREAM bytes) 8.0 GB/s" in run.bw_before.describe()
+    monkeypatch.setattr(mbu.probe, "measure_bandwidth",
+                        lambda llc, quick=False: {"read_bw": None, "reason": "cannot allocate", "kernels": {}})
+    with pytest.raises(CohwError, match="read bandwidth: cannot allocate"):
+        mbu.bandwidth_now(quick=True)
+    monkeypatch.setattr(mbu.probe, "measure_bandwidth", lambda llc, quick=False: fake)
     with pytest.raises(CohwError):
         mbu.measure_decode(model, prompt_len=0)
     before = torch.get_num_threads()
@@ -150,11 +161,15 @@ def test_mbu_bars_rows_and_kinds():
         def mbu(self):
             return 0.5
 
+        def mbu_vs(self, other):
+            return 0.4 if other == mbu.COPY_STREAM else float("nan")
+
     published = mbu.published_mbu()
     pub = mbu.load_published()
     reported = pub[pub["metric"] == "mbu"]
     bars = mbu.mbu_bars({"eager": Run()}, None, published, reported)
     assert list(bars.columns) == ["label", "mbu_pct", "kind"]
-    assert len(bars) == 1 + 2 * len(published) + len(reported)
+    assert len(bars) == 2 + 2 * len(published) + len(reported)
     assert bars.iloc[0]["mbu_pct"] == 50.0 and bars.iloc[0]["kind"] == "measured"
-    assert set(bars["kind"]) == {"measured", "ours on published", "published"}
+    assert bars.iloc[1]["mbu_pct"] == 40.0 and "copy/add" in bars.iloc[1]["label"]
+    assert set(bars["kind"]) == {"measured", "measured vs copy/add", "ours on published", "published"}

@@ -16,10 +16,15 @@ plus the KV cache it reads:
   1 they are kilobytes.
 
 **Peak**: for an accelerator, the spec-sheet bandwidth (``hardware.csv``); for this machine,
-the streaming bandwidth measured *in the same session, right before the decode run*, with
-:func:`bandwidth_now` (the probe's copy and add kernels, :mod:`cohw_utils.hardware.probe`),
-because a shared or virtualised host's bandwidth moves from run to run; it is measured again
-after the decode run, and both are reported with their spread.
+the **read-only** streaming bandwidth (the probe's ``torch.sum`` kernel,
+:mod:`cohw_utils.hardware.probe`), measured *in the same session, right before the decode run*,
+with :func:`bandwidth_now`, because a shared or virtualised host's bandwidth moves from run to
+run; it is measured again after the decode run, and both are reported with their spread.
+Decode is a read-only stream (weights and KV cache in, one token's K/V out), so a read kernel
+is its denominator: the copy and add kernels mix in writes, whose cost (and whether the
+destination line is first fetched, the write-allocate term) differs from a read's. The
+copy/add figures, in the STREAM convention and write-allocate-aware, are kept beside it
+(``Bandwidth.others``) and the MBU against the copy/add figure is reported too, labelled.
 
 :func:`decode_bound` is the roofline bound of a decode step at batch ``B``: the step reads
 the weights once and every sequence's KV cache, and does ``2 x (non-embedding parameters) x
@@ -92,11 +97,16 @@ def mbu(tokens_per_s: float, bytes_per_token: float, peak_bw: float) -> float:
 
 
 # ---------------------------------------------------------------------------- bandwidth now
+#: Keys of ``Bandwidth.others`` that :func:`bandwidth_now` fills: the copy/add figures beside the read one.
+COPY_STREAM, COPY_WRITE_ALLOCATE = "copy/add (STREAM bytes)", "copy/add (write-allocate bytes)"
+
+
 @dataclass(frozen=True)
 class Bandwidth:
-    """A streaming-bandwidth measurement (bytes/s): ``best`` (the probe's definition: the best
-    rate of the copy and add kernels), ``median`` (median over the best kernel's calls),
-    ``min``/``max`` over all calls, array size, when, and the load average then."""
+    """A streaming-bandwidth measurement (bytes/s) of one kernel (``kind``): ``best`` (best
+    call), ``median``, ``min``/``max`` over its calls, array size, when, the load average
+    then, and ``others``: other kernels' best rates measured with it (for :func:`bandwidth_now`,
+    the copy/add figures in the STREAM convention and write-allocate-aware), shown beside."""
 
     best: float
     median: float
@@ -106,12 +116,15 @@ class Bandwidth:
     calls: int
     when: str
     loadavg: tuple[float, float, float]
-    kind: str = "copy and add"
+    kind: str = "read (torch.sum)"
+    others: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
 
     def describe(self) -> str:
+        beside = "; ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in self.others.items())
         return (f"{self.best / 1e9:.1f} GB/s best, {self.median / 1e9:.1f} median "
                 f"(min {self.min / 1e9:.1f}, max {self.max / 1e9:.1f}; {self.calls} calls of {self.kind} "
-                f"on {self.array_bytes / 2**20:.0f} MiB; load average {self.loadavg[0]:.1f})")
+                f"on {self.array_bytes / 2**20:.0f} MiB; load average {self.loadavg[0]:.1f})"
+                + (f"; beside it: {beside}" if beside else ""))
 
 
 def _loadavg() -> tuple[float, float, float]:
@@ -122,25 +135,32 @@ def _loadavg() -> tuple[float, float, float]:
 
 
 def bandwidth_now(quick: bool = False) -> Bandwidth:
-    """Streaming bandwidth of this machine now, with :func:`cohw_utils.hardware.probe.measure_bandwidth`
-    (arrays >= 8x the LLC and >= 256 MiB; quick: 4x and 64 MiB)."""
+    """Read-only streaming bandwidth of this machine now (the probe's ``torch.sum`` kernel of
+    :func:`cohw_utils.hardware.probe.measure_bandwidth`: arrays >= 8x the LLC and >= 256 MiB;
+    quick: 4x and 64 MiB), with the copy/add figures of the same measurement in ``others``
+    (:data:`COPY_STREAM`, :data:`COPY_WRITE_ALLOCATE`)."""
     llc, _ = probe.detect_llc()
     r = probe.measure_bandwidth(llc, quick=quick)
-    if not r.get("mem_bw"):
-        raise CohwError(f"could not measure bandwidth: {r.get('reason')}")
-    kernels = r["kernels"]
-    best_kernel = max(kernels.values(), key=lambda k: k["bytes_per_s"]["best"])
-    rates = [k["bytes_per_call"] / s for k in kernels.values() for s in k["seconds"]]
-    return Bandwidth(best=float(r["mem_bw"]), median=float(best_kernel["bytes_per_s"]["median"]),
+    kernels = r.get("kernels", {})
+    if not r.get("read_bw") or "read" not in kernels:
+        raise CohwError(f"could not measure the read bandwidth: {r.get('reason') or 'no read kernel in the probe result'}")
+    read = kernels["read"]
+    rates = [read["bytes_per_call"] / s for s in read["seconds"]]
+    others = {}
+    if r.get("mem_bw"):
+        others[COPY_STREAM] = float(r["mem_bw"])
+    if r.get("mem_bw_write_allocate"):
+        others[COPY_WRITE_ALLOCATE] = float(r["mem_bw_write_allocate"])
+    return Bandwidth(best=float(r["read_bw"]), median=float(read["bytes_per_s"]["median"]),
                      min=float(min(rates)), max=float(max(rates)), array_bytes=int(r["array_bytes"]),
-                     calls=len(rates), when=time.strftime("%H:%M:%S"), loadavg=_loadavg())
+                     calls=len(rates), when=time.strftime("%H:%M:%S"), loadavg=_loadavg(), others=others)
 
 
 def measure_gemv_bandwidth(dtype: str | torch.dtype = "bf16", quick: bool = False, repeats: int = 10) -> Bandwidth:
     """How fast torch's own matrix-vector product streams weights from DRAM: ``F.linear`` of
     one token (1 x 2048) against a weight matrix >= 8x the LLC and >= 256 MiB (quick: 4x and
     64 MiB), counting the matrix's bytes once per call. This is the ceiling of a decode step
-    built from torch's kernels, as the copy/add probe is the ceiling of the memory system;
+    built from torch's kernels, as the read probe is the ceiling of the memory system;
     the ratio of the two says how much of the MBU gap is the GEMV kernel itself."""
     torch_dtype = parse_dtype(dtype)
     llc, _ = probe.detect_llc()
@@ -226,10 +246,19 @@ class DecodeRun:
         return self.bytes_per_token / self.timing.median
 
     def mbu(self, which: str = "before", stat: str = "best") -> float:
+        """MBU against the read bandwidth measured ``which`` (``before``/``after``) the decode,
+        its ``best`` or ``median``."""
         bw = {"before": self.bw_before, "after": self.bw_after}[which]
         if bw is None:
             return float("nan")
         return self.achieved_bw / getattr(bw, stat)
+
+    def mbu_vs(self, other: str, which: str = "before") -> float:
+        """MBU against one of the other figures measured with the read bandwidth (a key of
+        ``Bandwidth.others``, e.g. :data:`COPY_STREAM`); NaN where it was not measured."""
+        bw = {"before": self.bw_before, "after": self.bw_after}[which]
+        rate = bw.others.get(other) if bw is not None else None
+        return self.achieved_bw / rate if rate else float("nan")
 
     def summary(self) -> dict[str, Any]:
         t = self.timing
@@ -246,14 +275,19 @@ class DecodeRun:
         for which in ("before", "after"):
             bw = getattr(self, f"bw_{which}")
             if bw is not None:
-                out[f"probe_{which}_GBps"] = bw.best / 1e9
+                out[f"read_bw_{which}_GBps"] = bw.best / 1e9
                 out[f"MBU_vs_{which}_best_%"] = 100 * self.mbu(which, "best")
                 out[f"MBU_vs_{which}_median_%"] = 100 * self.mbu(which, "median")
+                if COPY_STREAM in bw.others:
+                    out[f"copy_bw_{which}_GBps"] = bw.others[COPY_STREAM] / 1e9
+                    out[f"MBU_vs_copy_{which}_%"] = 100 * self.mbu_vs(COPY_STREAM, which)
+                if COPY_WRITE_ALLOCATE in bw.others:
+                    out[f"MBU_vs_copy_write_allocate_{which}_%"] = 100 * self.mbu_vs(COPY_WRITE_ALLOCATE, which)
         if self.gemv is not None:
             out["gemv_GBps"] = self.gemv.best / 1e9
             out["achieved_vs_gemv_%"] = 100 * self.achieved_bw / self.gemv.best
             if self.bw_before is not None:
-                out["gemv_vs_probe_%"] = 100 * self.gemv.best / self.bw_before.best
+                out["gemv_vs_read_%"] = 100 * self.gemv.best / self.bw_before.best
         return out
 
 
@@ -345,8 +379,8 @@ def mbu_benchmark(config_path: str | Path = MBU_CONFIG, dtype: str = "bf16", pro
     """The chapter's MBU measurement on this machine's CPU: build the random-weight LLM (or
     use ``model``, built by :func:`build_random_llm`), measure bandwidth, decode, measure
     bandwidth again, then (``gemv``) the DRAM streaming rate of torch's own GEMV in the
-    model's dtype (:func:`measure_gemv_bandwidth`). MBU is against the bandwidth measured
-    right before the decode. ``compiled``: decode with :func:`measure_decode`'s compiled
+    model's dtype (:func:`measure_gemv_bandwidth`). MBU is against the read bandwidth measured
+    right before the decode (:func:`bandwidth_now`; the copy/add figures beside it). ``compiled``: decode with :func:`measure_decode`'s compiled
     (gpt-fast-style) step instead of eager PyTorch.
 
     ``threads`` sets torch's intra-op threads for the bandwidth probes and the decode alike
@@ -475,12 +509,19 @@ def gpu_mbu_capture(path: str | Path | None = None) -> dict[str, Any] | None:
 
 def mbu_bars(runs: dict[str, DecodeRun], gpu: dict[str, Any] | None = None,
              published: pd.DataFrame | None = None, reported: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The rows :func:`fig_mbu` draws: this machine's decode runs (MBU against the bandwidth
+    """The rows :func:`fig_mbu` draws: this machine's decode runs (MBU against the read bandwidth
     measured right before), the GPU capture if any, gpt-fast's rows as ours and theirs
     (:func:`published_mbu`), and the MBU other sources report (rows of :func:`load_published`
-    whose metric is ``mbu``). Columns: ``label``, ``mbu_pct``, ``kind``."""
-    rows = [{"label": f"this CPU: {r.model} {r.dtype}, {mode} (vs bandwidth before)", "mbu_pct": 100 * r.mbu(),
-             "kind": "measured"} for mode, r in runs.items()]
+    whose metric is ``mbu``). Each run gives two rows: against the read bandwidth (the MBU) and,
+    labelled, against the copy/add figure measured with it. Columns: ``label``, ``mbu_pct``, ``kind``."""
+    rows = []
+    for mode, r in runs.items():
+        rows.append({"label": f"this CPU: {r.model} {r.dtype}, {mode} (vs read bandwidth before)",
+                     "mbu_pct": 100 * r.mbu(), "kind": "measured"})
+        vs_copy = r.mbu_vs(COPY_STREAM)
+        if vs_copy == vs_copy:  # not NaN: the copy/add figure was measured with it
+            rows.append({"label": f"this CPU: {r.model} {r.dtype}, {mode} (vs copy/add, STREAM bytes)",
+                         "mbu_pct": 100 * vs_copy, "kind": "measured vs copy/add"})
     if gpu:
         rows.append({"label": f"GPU capture: {gpu['device']} (vs copy)", "mbu_pct": gpu["MBU_vs_copy_%"],
                      "kind": "gpu capture"})
@@ -516,8 +557,8 @@ def decode_roofline_points(chips: list[Hardware], workload: str = "llama-2-7b", 
 def fig_mbu(bars: pd.DataFrame, target: float | None = 60.0) -> Figure:
     """Horizontal MBU bars: ``bars`` has ``label`` and ``mbu_pct`` (and optionally ``kind``:
     ``measured`` / ``published`` / ``ours on published``, which sets the colour)."""
-    colors = {"measured": "tab:blue", "published": "tab:orange", "ours on published": "tab:green",
-              "gpu capture": "tab:purple"}
+    colors = {"measured": "tab:blue", "measured vs copy/add": "lightsteelblue", "published": "tab:orange",
+              "ours on published": "tab:green", "gpu capture": "tab:purple"}
     fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(bars) + 1.4))
     y = np.arange(len(bars))[::-1]
     kinds = bars["kind"] if "kind" in bars else ["measured"] * len(bars)
@@ -527,7 +568,7 @@ def fig_mbu(bars: pd.DataFrame, target: float | None = 60.0) -> Figure:
     ax.set_yticks(y, bars["label"], fontsize=8)
     if target is not None:
         ax.axvline(target, color="k", ls="--", lw=1)
-    ax.set(xlim=(0, 110), xlabel="MBU (% of peak memory bandwidth)", title="Model bandwidth utilization, batch-1 decode")
+    ax.set(xlim=(0, 110), xlabel="MBU (% of bandwidth: this CPU's measured read stream; the chips' spec sheets)", title="Model bandwidth utilization, batch-1 decode")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for k, c in colors.items() if k in set(kinds)]
     ax.legend(handles, [k for k in colors if k in set(kinds)], fontsize=8, loc="lower right")
     fig.tight_layout()
