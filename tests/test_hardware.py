@@ -360,6 +360,9 @@ def test_cache_size_parsing_and_llc_detection() -> None:
     assert probe._parse_size("1M") == 2**20
     llc, how = probe.detect_llc()
     assert llc > 0 and how
+    assert probe.cache_bytes_per_instance(99) is None                  # no such level: None, not 0
+    l1 = probe.cache_bytes_per_instance(1)
+    assert l1 is None or 4 * 2**10 <= l1 <= llc
 
 
 def test_probe_result_is_a_hardware(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -127,6 +127,20 @@ def _llc_from_sysfs() -> int | None:
     return sum(instances.values()) or None
 
 
+def cache_bytes_per_instance(level: int) -> int | None:
+    """Size in bytes of one instance of the data (or unified) cache at ``level`` (e.g. one
+    core's L2), from sysfs; None where sysfs does not say. The on-chip memory a tiled CPU
+    kernel blocks for (Chapter 4.3's FlashAttention IO)."""
+    for index in sorted(Path("/sys/devices/system/cpu").glob("cpu0/cache/index[0-9]*")):
+        try:
+            if (index / "type").read_text().strip() == "Instruction" or int((index / "level").read_text()) != level:
+                continue
+            return _parse_size((index / "size").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def _llc_from_lscpu() -> int | None:
     """Total LLC from ``lscpu --caches`` (summed over instances), if lscpu is available."""
     try:
