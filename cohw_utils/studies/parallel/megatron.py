@@ -61,7 +61,8 @@ from cohw_utils.views.parallel import comm_table, pipeline_bubble
 from cohw_utils.views.predictor import Calibration, load_calibration, phase_seconds
 
 __all__ = ["TABLE_FILE", "SELENE_IB", "OPTIMIZER_BYTES_PER_PARAM", "load_table1", "megatron_params",
-           "megatron_flops", "megatron_model_flops", "gpt_config_dir", "predict_row", "compare_table1"]
+           "megatron_flops", "megatron_model_flops", "gpt_config_dir", "predict_row", "compare_table1",
+           "fig_table1"]
 
 TABLE_FILE = "megatron2021_table1.csv"
 _COLUMNS = ("source", "table_figure", "model", "params_b", "heads", "hidden", "layers", "vocab", "seq_len", "tp",
@@ -200,3 +201,29 @@ def compare_table1(rows: pd.DataFrame | None = None, calibration: Calibration | 
                     **{k: v for k, v in pred.items() if k not in ("d", "predicted TFLOP/s per GPU")},
                     "table": r["table_figure"]})
     return pd.DataFrame(out).set_index("model")
+
+
+def fig_table1(comparison: pd.DataFrame):
+    """Published against predicted teraFLOP/s per GPU over Table 1's models (a
+    :func:`compare_table1` result), with the predicted step's bubble share on a second axis."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.8, 3.8))
+    x = range(len(comparison))
+    ax.plot(x, comparison["published TFLOP/s per GPU"], "o-", label="published (Table 1)")
+    ax.plot(x, comparison["predicted TFLOP/s per GPU"], "s--", label="predicted per rank")
+    ax.set_xticks(list(x), [m.replace("GPT ", "") for m in comparison.index], rotation=45, ha="right")
+    ax.set_xlabel("model (t x p x d from Table 1)")
+    ax.set_ylabel("teraFLOP/s per GPU (Eq. 3)")
+    ax.set_ylim(0, 312)
+    ax.axhline(312, color="0.6", lw=0.8)
+    ax2 = ax.twinx()
+    ax2.bar(list(x), comparison["bubble"], alpha=0.2, color="C2", label="predicted 1F1B bubble")
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("bubble share of the step")
+    lines = ax.get_legend_handles_labels()
+    bars = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + bars[0], lines[1] + bars[1], fontsize=8, loc="lower left")
+    ax.set_title("Megatron-LM weak scaling on A100-80GB: published vs predicted")
+    fig.tight_layout()
+    return fig
