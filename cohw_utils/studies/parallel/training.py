@@ -173,7 +173,7 @@ def flops_check(config: Any, batch: int, seq_len: int) -> dict[str, float]:
 @dataclass(frozen=True)
 class TrainRun:
     """A measured training step: its :class:`~cohw_utils.core.timing.Timing`, tokens per step,
-    FLOPs per token (model, and hardware = the tracer's total), the peak it is divided by and
+    FLOPs per token (the model's, and all the tracer counts), the peak it is divided by and
     where that peak comes from."""
 
     timing: Timing
