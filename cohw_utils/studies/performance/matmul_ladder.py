@@ -6,22 +6,25 @@ vectorization, plus AVX intrinsics) on an 18-core Haswell whose peak is 835 GFLO
 from 25,552 s to 0.41 s (62,806x, 40.45% of peak). Their table is a data file
 (``data/leiserson2020_table1.csv``) and :func:`leiserson_table` reads it.
 
-Our rungs, each a refinement of the one above (:data:`RUNGS`):
+Our rungs, each a refinement of the one above (:data:`RUNGS`). Rungs 1-7 compute in fp64, as
+the paper's do, so they compare with its table; rungs 8-9 go beyond it in other dtypes:
 
 1. ``python``: the textbook i-j-k triple loop on lists of Python floats (fp64).
 2. ``python-ikj``: the same in i-k-j order with the rows of B and C hoisted out of the inner
    loop: the loop-order change, still interpreted.
-3. ``numba``: the i-k-j loops compiled by numba (LLVM) with LLVM's loop and SLP vectorizers
-   switched off (``numba.config.LOOP_VECTORIZE``/``SLP_VECTORIZE`` while compiling): a scalar
-   compiled loop, the paper's "C" rung.
+3. ``numba``: the i-k-j loops on fp64 arrays compiled by numba (LLVM) with LLVM's loop and SLP
+   vectorizers switched off (``numba.config.LOOP_VECTORIZE``/``SLP_VECTORIZE`` while
+   compiling): a scalar compiled loop, the paper's "C" rung.
 4. ``parallel``: + ``numba.prange`` over the rows (as many threads as torch uses).
 5. ``tiled``: + cache blocking: 32-row blocks in parallel, each sweeping 128 x 512 tiles of
    B so the working set stays in L2 (the iterative form of the paper's divide and conquer).
 6. ``vectorized``: the same tiled source compiled with the vectorizers on and ``fastmath``:
-   LLVM emits AVX-512 FMAs (the paper's "plus vectorization" compiler flags).
-7. ``blas-fp32``: ``torch.matmul(a, b, out=c)`` in fp32 (Intel MKL / oneDNN): a vendor BLAS
-   with hand-tuned register-blocked kernels, the counterpart of the paper's AVX intrinsics.
-8. ``blas-bf16``: the same in bfloat16 (AVX512-BF16 dot products, fp32 accumulation).
+   LLVM emits the widest vector FMAs the CPU has (the paper's "plus vectorization" flags).
+7. ``blas-fp64``: ``torch.matmul(a, b, out=c)`` in fp64 (Intel MKL): a vendor BLAS with
+   hand-tuned register-blocked kernels, the counterpart of the paper's AVX intrinsics.
+8. ``blas-fp32``: the same in fp32 (beyond the paper: its own dtype's peak).
+9. ``blas-bf16``: the same in bfloat16 (bf16 dot products where the CPU has them, fp32
+   accumulation; beyond the paper).
 
 ``numpy`` (its bundled OpenBLAS, fp32) is timed as a second vendor BLAS beside the ladder.
 
@@ -35,12 +38,18 @@ Method
   an estimate (cache behaviour changes with n), which is why the table also shows the size
   each rung really ran at. Speedups are ratios of rates, i.e. of the scaled times.
 * Timing: :func:`cohw_utils.spine.measure.time_callable`, output zeroed untimed before each call
-  (``setup``). The **rate is the best call** (as the probe's peak is the best GEMM rate);
-  the median and the spread are printed beside it. numba compilation happens before timing.
-* **% of peak** = rate / this machine's probed GEMM peak in the rung's dtype
-  (:func:`cohw_utils.hardware.probe.probe_host`): fp32 for rungs 1-7 (the Python rungs compute in
-  fp64; the paper's percentages are of an fp64 peak), bf16 for rung 8. The probed peak is
-  what torch's GEMM achieves, not a spec-sheet figure, so the BLAS rungs sit near 100%.
+  (``setup``). The **rate is the best call**; the median and the spread are printed beside it.
+  numba compilation happens before timing.
+* **% of peak** = rate / this CPU's **ISA peak in the rung's own dtype**
+  (:func:`cohw_utils.hardware.isa.isa_peaks`: cores x GHz x FMA units x SIMD lanes x 2, every
+  factor read from the machine or a labelled assumption), the kind of figure Leiserson et
+  al.'s 835 GFLOP/s is (a spec fp64 peak; their top rung reached 40.45% of it). fp64 rungs
+  are against the fp64 peak, ``blas-fp32`` and ``numpy`` the fp32 peak, ``blas-bf16`` the
+  bf16 one (``peak_basis`` says which; a dtype without an ISA peak gets NaN and the reason).
+  The clock is what the machine reports; where that is the nominal rather than the boost
+  clock, a rung can pass 100%, and :meth:`~cohw_utils.hardware.isa.IsaPeak.implied_ghz`
+  gives the clock its rate implies. (Before issue 20 the denominator was our own probed torch
+  GEMM, against which the BLAS rung sat near 100% by construction.)
 * Every rung's product is checked against numpy's fp64 product (``max_rel_err``).
 
 Used by Chapter 4.3 (the matmul ladder).
@@ -59,6 +68,7 @@ import pandas as pd
 
 from cohw_utils.core.device import cpu_has_native_bf16
 from cohw_utils.core.errors import CohwError
+from cohw_utils.hardware import isa
 from cohw_utils.spine.measure import Timing, time_callable
 from cohw_utils.core.data import DATA_DIR
 
@@ -81,18 +91,20 @@ RUNGS: tuple[Rung, ...] = (
          "triple loop on lists of Python floats"),
     Rung("python-ikj", "Python, loop order i-k-j", None, "fp64", "python",
          "same loops reordered, row of B and C hoisted"),
-    Rung("numba", "compiled loops (numba, scalar)", 3, "fp32", "compiled",
+    Rung("numba", "compiled loops (numba, scalar)", 3, "fp64", "compiled",
          "i-k-j compiled by LLVM, vectorizers off"),
-    Rung("parallel", "+ parallel loops", 4, "fp32", "compiled",
+    Rung("parallel", "+ parallel loops", 4, "fp64", "compiled",
          "prange over rows"),
-    Rung("tiled", "+ tiling (cache blocking)", 5, "fp32", "compiled",
+    Rung("tiled", "+ tiling (cache blocking)", 5, "fp64", "compiled",
          "32-row blocks in parallel x 128x512 tiles"),
-    Rung("vectorized", "+ vectorization (AVX-512)", 6, "fp32", "compiled",
+    Rung("vectorized", "+ vectorization (SIMD FMAs)", 6, "fp64", "compiled",
          "same source, LLVM vectorizer on, fastmath"),
-    Rung("blas-fp32", "vendor BLAS fp32 (torch/MKL)", 7, "fp32", "blas",
-         "torch.matmul, register-blocked AVX-512 kernels"),
-    Rung("blas-bf16", "vendor BLAS bf16 (AVX512-BF16)", None, "bf16", "blas",
-         "torch.matmul in bfloat16, fp32 accumulate"),
+    Rung("blas-fp64", "vendor BLAS fp64 (torch/MKL)", 7, "fp64", "blas",
+         "torch.matmul, register-blocked vector kernels"),
+    Rung("blas-fp32", "vendor BLAS fp32 (torch/MKL)", None, "fp32", "blas",
+         "torch.matmul in fp32: beyond the paper, against the fp32 peak"),
+    Rung("blas-bf16", "vendor BLAS bf16", None, "bf16", "blas",
+         "torch.matmul in bfloat16, fp32 accumulate: against the bf16 peak"),
 )
 EXTRA = Rung("numpy", "numpy (OpenBLAS) fp32", None, "fp32", "blas", "a second vendor BLAS")
 _BY_KEY = {r.key: r for r in (*RUNGS, EXTRA)}
@@ -144,7 +156,7 @@ def _vectorizers(on: bool):
         numba.config.LOOP_VECTORIZE, numba.config.SLP_VECTORIZE = old
 
 
-_SIG = "void(float32[:, ::1], float32[:, ::1], float32[:, ::1])"
+_SIG = "void(float64[:, ::1], float64[:, ::1], float64[:, ::1])"
 
 
 @functools.lru_cache(maxsize=None)
@@ -215,15 +227,16 @@ def _prepare(key: str, n: int) -> tuple[Callable[[], object], Callable[[], objec
 
         numba.set_num_threads(min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads()))
         kernel = _numba_kernel(key)
-        c = np.zeros((n, n), dtype=np.float32)
-        return (lambda: kernel(a, b, c)), (lambda: c.fill(0.0)), (lambda: c), a, b
-    if key in ("blas-fp32", "blas-bf16"):
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        c = np.zeros((n, n), dtype=np.float64)
+        return (lambda: kernel(a64, b64, c)), (lambda: c.fill(0.0)), (lambda: c), a, b
+    if key in ("blas-fp64", "blas-fp32", "blas-bf16"):
         import torch
 
-        dt = torch.float32 if key == "blas-fp32" else torch.bfloat16
+        dt = {"blas-fp64": torch.float64, "blas-fp32": torch.float32, "blas-bf16": torch.bfloat16}[key]
         ta, tb = torch.from_numpy(a).to(dt), torch.from_numpy(b).to(dt)
         tc = torch.empty(n, n, dtype=dt)
-        return (lambda: torch.matmul(ta, tb, out=tc)), (lambda: None), (lambda: tc.float().numpy()), a, b
+        return (lambda: torch.matmul(ta, tb, out=tc)), (lambda: None), (lambda: tc.double().numpy()), a, b
     if key == "numpy":
         c = np.empty((n, n), dtype=np.float32)
         return (lambda: np.matmul(a, b, out=c)), (lambda: None), (lambda: c), a, b
@@ -252,35 +265,54 @@ def measure_rung(key: str, n: int, repeats: int = 3, warmup: int = 1) -> dict:
             "setup_s": compile_s, "method": timing.method}
 
 
-def run_ladder(peaks: dict[str, float], sizes: dict[str, int] | None = None, repeats: int = 3,
+def _peak(peaks: dict, dtype: str) -> tuple[float, str]:
+    """(FLOP/s or NaN, basis label) of ``dtype`` from ``peaks`` (numbers or :class:`IsaPeak`)."""
+    if dtype not in peaks:
+        raise CohwError(f"peaks has no {dtype} figure; pass cohw_utils.hardware.isa.isa_peaks() "
+                        f"(or a dict of FLOP/s with a '{dtype}' entry)")
+    value = peaks[dtype]
+    if isinstance(value, isa.IsaPeak):
+        if value.flops is None:
+            return float("nan"), f"no ISA {dtype} peak: {value.reason}"
+        return value.flops, f"ISA {dtype} peak"
+    if value is None:
+        return float("nan"), f"no {dtype} peak given"
+    if not (isinstance(value, (int, float)) and value > 0):
+        raise CohwError(f"the {dtype} peak must be a positive FLOP/s, got {value!r}")
+    return float(value), f"given {dtype} peak"
+
+
+def run_ladder(peaks: dict | None = None, sizes: dict[str, int] | None = None, repeats: int = 3,
                rungs: tuple[str, ...] | None = None, extra: bool = True,
                repeats_python: int = 1) -> pd.DataFrame:
     """Run the ladder; one row per rung, in order, plus ``numpy`` when ``extra``.
 
-    ``peaks`` maps dtype (``fp32``, ``bf16``) to this machine's peak FLOP/s (the probe's);
-    fp64 rungs are compared with the fp32 peak. Columns: rung, implementation, paper_version,
+    ``peaks`` maps dtype (``fp64``, ``fp32``, ``bf16``) to the peak each rung is judged
+    against, as :class:`~cohw_utils.hardware.isa.IsaPeak` objects or FLOP/s; None (the
+    default) computes this CPU's ISA peaks (:func:`cohw_utils.hardware.isa.isa_peaks`). Every
+    rung is against the peak of its own dtype. Columns: rung, implementation, paper_version,
     dtype, n, best_s / median_s / max_s (at n), gflops (best) and gflops_median,
     time_at_4096_s (best x (4096/n)^3), abs_speedup (over rung 1), rel_speedup (over the
-    rung above), pct_of_peak, max_rel_err, setup_s (input preparation and compilation),
-    method. Attribute ``attrs['peaks']`` holds the peaks used.
+    rung above), peak_gflops, peak_basis, pct_of_peak, max_rel_err, setup_s (input
+    preparation and compilation), method. ``attrs['peaks']`` holds the FLOP/s used and
+    ``attrs['peak_descriptions']`` how each was computed.
     """
     sizes = {**default_sizes(), **(sizes or {})}
     keys = list(rungs or [r.key for r in RUNGS])
-    missing = [d for d in ("fp32", "bf16") if not peaks.get(d)]
-    if missing:
-        raise CohwError(f"peaks needs a positive FLOP/s for {', '.join(missing)}; "
-                        "pass cohw_utils.hardware.probe.probe_host()['peak_flops']")
+    peaks = isa.isa_peaks() if peaks is None else peaks
+    unknown = [k for k in keys if k not in _BY_KEY]
+    if unknown:
+        raise CohwError(f"unknown rung '{unknown[0]}'; known: {', '.join(_BY_KEY)}")
+    chosen = [_BY_KEY[k] for k in keys] + ([EXTRA] if extra else [])
+    basis = {r.dtype: _peak(peaks, r.dtype) for r in chosen}  # checked before anything is timed
     rows = []
-    for key in keys + (["numpy"] if extra else []):
-        rung = _BY_KEY.get(key)
-        if rung is None:
-            raise CohwError(f"unknown rung '{key}'; known: {', '.join(_BY_KEY)}")
+    for rung in chosen:
         reps = repeats_python if rung.size == "python" else repeats
         n = sizes[rung.size]
         emulated = rung.dtype == "bf16" and not cpu_has_native_bf16()
         if emulated:  # ~1 GFLOP/s: a 4096^3 bf16 GEMM would take minutes per repeat
             n = min(n, EMULATED_BF16_N)
-        row = measure_rung(key, n, repeats=reps, warmup=0 if rung.size == "python" else 1)
+        row = measure_rung(rung.key, n, repeats=reps, warmup=0 if rung.size == "python" else 1)
         if emulated:
             row["method"] += (f"; this CPU has no native bf16 (no AVX512-BF16/AMX), so torch emulates it: "
                               f"measured at n={n} and scaled to 4096 by n^3")
@@ -291,16 +323,42 @@ def run_ladder(peaks: dict[str, float], sizes: dict[str, int] | None = None, rep
     df["abs_speedup"] = df["gflops"] / base
     prev = df.loc[ladder, "gflops"].shift(1)
     df["rel_speedup"] = (df.loc[ladder, "gflops"] / prev).reindex(df.index)
-    peak = df["dtype"].map(lambda d: peaks["bf16"] if d == "bf16" else peaks["fp32"])
-    df["pct_of_peak"] = 100.0 * df["gflops"] * 1e9 / peak
-    df.attrs["peaks"] = dict(peaks)
+    df["peak_gflops"] = df["dtype"].map(lambda d: basis[d][0] / 1e9)
+    df["peak_basis"] = df["dtype"].map(lambda d: basis[d][1])
+    df["pct_of_peak"] = 100.0 * df["gflops"] / df["peak_gflops"]
+    df.attrs["peaks"] = {d: b[0] for d, b in basis.items()}
+    df.attrs["peak_descriptions"] = {d: (v.describe() if isinstance(v, isa.IsaPeak) else f"{d}: given {v!r} FLOP/s")
+                                     for d, v in peaks.items() if d in basis}
     return df
 
 
-def top_rung(ladder: pd.DataFrame) -> pd.Series:
-    """The ladder row with the highest % of peak (the benchmark figure the chapter prints)."""
+def top_rung(ladder: pd.DataFrame, dtype: str | None = "fp64") -> pd.Series:
+    """The ladder row with the highest % of peak among rungs in ``dtype`` (default fp64, the
+    paper's dtype, so that it compares with their 40.45%; None: any dtype)."""
     rows = ladder[ladder["rung"] != "numpy"]
+    if dtype is not None:
+        rows = rows[rows["dtype"] == dtype]
+    rows = rows.dropna(subset=["pct_of_peak"])
+    if rows.empty:
+        raise CohwError(f"no {dtype or ''} rung with a peak to compare against in this ladder")
     return rows.loc[rows["pct_of_peak"].idxmax()]
+
+
+def versus_paper(ladder: pd.DataFrame) -> dict:
+    """The benchmark figure: the top fp64 rung's rate and % of this CPU's ISA fp64 peak, beside
+    Leiserson et al.'s top rung (% of their spec fp64 peak) and both absolute speedups; and, for
+    every rung above 100% of its peak, the clock (GHz) its rate implies (see the module docstring)."""
+    top = top_rung(ladder, "fp64")
+    paper = leiserson_table().iloc[-1]
+    out = {"rung": top["rung"], "implementation": top["implementation"], "gflops": float(top["gflops"]),
+           "pct_of_isa_peak": float(top["pct_of_peak"]), "peak_gflops": float(top["peak_gflops"]),
+           "abs_speedup": float(top["abs_speedup"]), "paper_pct_of_peak": float(paper["fraction_of_peak_pct"]),
+           "paper_abs_speedup": float(paper["absolute_speedup"]), "paper_gflops": float(paper["gflops"]),
+           "above_peak": {}}
+    for _, r in ladder[ladder["pct_of_peak"] > 100].iterrows():
+        ghz = isa.isa_peak(r["dtype"]).implied_ghz(r["gflops"] * 1e9) if r["peak_basis"].startswith("ISA") else None
+        out["above_peak"][r["rung"]] = ghz
+    return out
 
 
 # ------------------------------------------------------------------------------- the paper
@@ -323,7 +381,7 @@ def side_by_side(ladder: pd.DataFrame) -> pd.DataFrame:
     """Our rungs beside the paper's rows they correspond to (paper columns prefixed ``paper_``)."""
     paper = leiserson_table().add_prefix("paper_")
     ours = ladder[["rung", "implementation", "paper_version", "dtype", "n", "time_at_4096_s",
-                   "gflops", "abs_speedup", "rel_speedup", "pct_of_peak"]]
+                   "gflops", "abs_speedup", "rel_speedup", "peak_basis", "pct_of_peak"]]
     out = ours.merge(paper, how="left", left_on="paper_version", right_on="paper_version")
     return out.drop(columns=["paper_version"])
 
@@ -337,7 +395,7 @@ def fig_matmul_ladder(ladder: pd.DataFrame):
     fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.2))
     panels = ((left, ladder["implementation"], ladder["gflops"], ladder["pct_of_peak"],
                ["tab:gray" if r == "numpy" else "tab:blue" for r in ladder["rung"]],
-               "This machine (best call; % of probed peak)"),
+               "This machine (best call; % of its ISA peak in the rung's dtype)"),
               (right, paper["implementation"], paper["gflops"], paper["fraction_of_peak_pct"],
                "tab:orange", "Leiserson et al. 2020, Table 1 (fp64; % of 835 GFLOP/s)"))
     for ax, names, gflops, pct, color, title in panels:
