@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from cohw_utils.studies.codesign import accelerator as acc
-from cohw_utils.studies.codesign import generations, op_times, pareto, placement, proxy_phases, sweep, what_if
+from cohw_utils.studies.codesign import generations, op_times, pareto, placement, power, proxy_phases, sweep, what_if
 from cohw_utils.studies.codesign.phases import PreparedPhase, prepare
 from cohw_utils.views import energy_model as energy
 from cohw_utils.views import roofline
@@ -393,3 +393,72 @@ def test_figures_return_figures(decode, vit):
                 figures.fig_gains(gains), figures.fig_iteration(it)):
         assert isinstance(fig, Figure)
         plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- reticle, power, format rates
+def test_a_die_beyond_the_reticle_splits_and_pays_die_to_die_area():
+    cm = acc.CostModel(mm2_per_tflops=0.5)
+    b = cm.breakdown(acc.make_accelerator("big", 2000, hbm_gb=80, hbm_tbs=4, sram_mb=64))
+    logic = 120 + 1000 + 1000 * 0.12 + 32 + 48 + 3.78           # 1,323.78 mm^2 > 858
+    assert b["dies"] == 2 and b["d2d"] == pytest.approx(40.0)
+    assert b["die"] == pytest.approx(logic + 40.0)
+    assert cm.breakdown(acc.make_accelerator("small", 1000, hbm_gb=80, hbm_tbs=4, sram_mb=64))["dies"] == 1
+
+
+def test_fit_area_lands_on_the_budget_across_a_die_count_change():
+    ref = acc.from_hardware("H100-SXM")
+    budget = ref.cost()["package"]
+    for sram in (4, 16):   # 4x SRAM alone overflows one reticle at H100's compute; the fit shrinks compute
+        fitted = acc.fit_area(ref.replace(sram_bytes=sram * ref.sram_bytes), budget)
+        assert fitted.cost()["package"] == pytest.approx(budget, rel=1e-12)
+
+
+def _rows(time_s, energy_j, die_mm2, units=2.0):
+    return pd.DataFrame({"design": ["a"], "time_s": [time_s], "time_per_unit_s": [time_s / units],
+                         "throughput": [units / time_s], "energy_J": [energy_j], "J_per_unit": [energy_j / units],
+                         "util_compute": [0.8], "util_memory": [0.4], "die_mm2": [die_mm2]})
+
+
+def test_power_cap_stretches_time_to_the_dynamic_budget():
+    d = acc.make_accelerator("a", 1000, hbm_gb=80, hbm_tbs=4, sram_mb=64)          # no tdp_w: the model's cap
+    m = power.PowerModel(static_w_per_mm2=0.1, cap_w=700.0)
+    r = power.apply_power(_rows(1.0, 1000.0, 500.0), [d], m).iloc[0]   # static 50 W; 1,000 W dynamic > 650
+    assert r.static_W == pytest.approx(50.0) and r.dynamic_W == pytest.approx(1000.0) and r.power_capped
+    assert r.time_s == pytest.approx(1000.0 / 650.0) and r.time_per_unit_s == pytest.approx(r.time_s / 2)
+    assert r.energy_J == pytest.approx(1000.0 + 50.0 * 1000.0 / 650.0) and r.power_W == pytest.approx(700.0)
+    assert r.util_compute == pytest.approx(0.8 * 650.0 / 1000.0)
+    r = power.apply_power(_rows(1.0, 100.0, 500.0), [d], m).iloc[0]     # under the cap: static only added
+    assert not r.power_capped and r.time_s == 1.0 and r.energy_J == pytest.approx(150.0)
+    assert r.power_W == pytest.approx(150.0)
+    own = d.replace(tdp_w=2000.0)                                          # a design's own TDP wins
+    assert not power.apply_power(_rows(1.0, 1000.0, 500.0), [own], m).iloc[0].power_capped
+
+
+def test_power_model_bad_input_is_a_clear_error():
+    d = acc.make_accelerator("a", 1000, hbm_gb=80, hbm_tbs=4, sram_mb=64)
+    with pytest.raises(CohwError, match="static power 100 W alone reaches its 90 W cap"):
+        power.apply_power(_rows(1.0, 1.0, 1000.0), [d], power.PowerModel(cap_w=90.0))
+    with pytest.raises(CohwError, match="cap_w must be a positive power"):
+        power.PowerModel(cap_w=0.0)
+    with pytest.raises(CohwError, match="tdp_w = -1"):
+        d.replace(tdp_w=-1.0)
+
+
+def test_evaluate_designs_with_power_keeps_every_design_under_its_cap(decode):
+    ref = acc.from_hardware("H100-SXM")
+    fast = acc.make_accelerator("4000T", 4000, hbm_gb=80, hbm_tbs=3.35, sram_mb=50)
+    phases = [prepare(decode)]
+    plain = sweep.evaluate_designs([ref, fast], phases, TABLE)
+    capped = sweep.evaluate_designs([ref, fast], phases, TABLE, power=power.PowerModel(cap_w=700.0))
+    assert (capped.power_W <= capped.cap_W * (1 + 1e-9)).all()
+    assert (capped.time_s >= plain.time_s * (1 - 1e-12)).all()
+    assert (capped.energy_J > plain.energy_J).all()                       # static energy added
+    assert capped.loc[capped.design == "H100-SXM", "cap_W"].iloc[0] == 700.0   # the catalog TDP
+
+
+def test_format_rates_are_each_generations_own():
+    r = acc.format_rates(["A100-80GB", "H100-SXM"])
+    assert r.loc["A100-80GB", "int8"] == pytest.approx(2.0) and r.loc["A100-80GB", "int4"] == pytest.approx(4.0)
+    assert np.isnan(r.loc["A100-80GB", "fp8"]) and np.isnan(r.loc["H100-SXM", "int4"])   # Hopper: no INT4
+    assert r.loc["H100-SXM", "fp8"] == pytest.approx(2.0, rel=1e-3)
+    assert r.loc["parametric design", "int4"] == 4.0

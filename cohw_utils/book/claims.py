@@ -37,6 +37,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "ENERGY_PRESET": "7nm-hbm2e",
         "QUANTIZE": True,
         "SPILL": "weights",
+        "POWER": True,
         "PREDICTOR": "calibrated",
         "GRID": {
             "tflops16": [250, 350, 500, 700, 1000, 1400, 2000, 2800, 4000],

@@ -8,7 +8,11 @@ Units are SI per chip: FLOP/s, bytes, bytes/s.
   non-contraction op runs at, as in :mod:`cohw_utils.views.roofline`; ``fp16``/``bf16``/``fp8``/
   ``int8``/``int4`` the matrix units). :func:`make_accelerator` derives them from one 16-bit
   peak and a set of formats: fp32 = 1/16, tf32 = 1/2, fp8 and int8 = 2x, int4 = 4x the 16-bit
-  peak (the ratios of NVIDIA's dense tensor-core figures; an assumption for a new design).
+  peak (:data:`FORMAT_X`). These are ratios of dense tensor-core figures, but of no single
+  generation: int8 = 2x holds from Ampere to Blackwell, fp8 = 2x from Hopper on, and int4 = 4x
+  is Ampere's alone (A100: 1,248 INT4 TOPS dense beside 312 FP16 TFLOP/s); Hopper has no INT4
+  rate and Blackwell's 4-bit matrix format is FP4. :func:`format_rates` tabulates each catalog
+  chip's own ratios, so a design with int4 reads as the what-if it is.
 * Memory tiers (:data:`TIERS`), fastest first: **SRAM** (on-chip, ``sram_bytes``/``sram_bw``),
   **HBM** (``hbm_bytes``/``hbm_bw``; 0 bytes makes an SRAM-only, Cerebras-like design whose main
   memory is the SRAM), a **slow tier** (LPDDR/CXL: ``slow_bytes``/``slow_bw``, see
@@ -29,7 +33,10 @@ Cost proxy (:class:`CostModel`)
 Silicon area in mm^2 at a 4/5 nm-class node, linear in each resource: a fixed part, compute per
 dense 16-bit TFLOP/s (plus a fraction for each narrow format), SRAM per MB, PHY and controller
 area per TB/s of each off-chip interface, and the interposer footprint of the HBM stacks the
-design needs for its capacity or its bandwidth, whichever needs more. Every
+design needs for its capacity or its bandwidth, whichever needs more. No die can exceed the
+lithography reticle (26 x 33 mm = 858 mm^2): a design whose logic needs more is split into
+``ceil(logic / reticle)`` dies joined by die-to-die interfaces, each of which costs area on both
+sides (as B200's two reticle-sized dies are); ``dies`` in :meth:`CostModel.breakdown`. Every
 coefficient is a labelled assumption (see :data:`COST_SOURCES`); the compute coefficient is
 calibrated so that the H100-SXM design point's die is GH100's published 814 mm^2. Package area
 = die + HBM footprint is the cost the sweeps use.
@@ -49,7 +56,8 @@ from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import Hardware, get_hardware
 
 __all__ = ["TIERS", "RESOURCES", "SLOW_TIERS", "HOST_LINKS", "SRAM_BW_X", "GH100_DIE_MM2", "COST_SOURCES",
-           "CostModel", "Accelerator", "make_accelerator", "from_hardware", "sram_only", "fit_area"]
+           "FORMAT_X", "INT4_TOPS", "CostModel", "Accelerator", "make_accelerator", "from_hardware", "sram_only",
+           "fit_area", "format_rates"]
 
 #: Memory tiers, fastest first, and the resources that can bind an op.
 TIERS = ("sram", "hbm", "slow", "host")
@@ -89,6 +97,9 @@ COST_SOURCES: dict[str, str] = {
                  "its capacity and for its bandwidth, whichever is more (fractional stacks, to keep it smooth)",
     "mm2_per_tbs_slow": "assumption: 40 mm^2 per TB/s of LPDDR/CXL interface (wider PHYs per GB/s than HBM)",
     "mm2_per_tbs_link": "assumption: 60 mm^2 per TB/s of PCIe/CXL SerDes",
+    "reticle_mm2": "the 26 mm x 33 mm exposure field of DUV and 0.33-NA EUV scanners (858 mm^2): the largest "
+                   "die one exposure prints",
+    "d2d_mm2": "assumption: 40 mm^2 of die-to-die PHY per die boundary (both sides together)",
 }
 
 
@@ -106,6 +117,8 @@ class CostModel:
     hbm_stack_tbs: float = 1.2
     mm2_per_tbs_slow: float = 40.0
     mm2_per_tbs_link: float = 60.0
+    reticle_mm2: float = 858.0
+    d2d_mm2: float = 40.0
 
     def calibrated(self) -> "CostModel":
         """A copy whose ``mm2_per_tflops`` makes the H100-SXM design's die 814 mm^2."""
@@ -123,8 +136,10 @@ class CostModel:
                 + self.mm2_per_tbs_slow * d.slow_bw / 1e12 + self.mm2_per_tbs_link * d.link_bw / 1e12)
 
     def breakdown(self, d: "Accelerator") -> dict[str, float]:
-        """Area by part (mm^2): base, compute, formats, sram, hbm_phy, slow_phy, link_phy,
-        die; then hbm_stacks (count), hbm_footprint and package (= die + footprint)."""
+        """Area by part (mm^2): base, compute, formats, sram, hbm_phy, slow_phy, link_phy; then
+        ``dies`` (count: the logic over the reticle, rounded up), ``d2d`` (die-to-die PHY,
+        ``(dies - 1) x d2d_mm2``) and ``die`` (all silicon: logic + d2d); then hbm_stacks (count),
+        hbm_footprint and package (= die + footprint)."""
         m = self.calibrated()
         c = m.mm2_per_tflops * d.peak16 / 1e12
         parts = {"base": m.base_mm2, "compute": c,
@@ -133,7 +148,10 @@ class CostModel:
                  "hbm_phy": m.mm2_per_tbs_hbm * d.hbm_bw / 1e12,
                  "slow_phy": m.mm2_per_tbs_slow * d.slow_bw / 1e12,
                  "link_phy": m.mm2_per_tbs_link * d.link_bw / 1e12}
-        parts["die"] = sum(parts.values())
+        logic = sum(parts.values())
+        parts["dies"] = max(1, math.ceil(logic / m.reticle_mm2 - 1e-9))
+        parts["d2d"] = (parts["dies"] - 1) * m.d2d_mm2
+        parts["die"] = logic + parts["d2d"]
         parts["hbm_stacks"] = max(d.hbm_bytes / 1e9 / m.hbm_stack_gb, d.hbm_bw / 1e12 / m.hbm_stack_tbs)
         parts["hbm_footprint"] = m.hbm_stack_mm2 * parts["hbm_stacks"]
         parts["package"] = parts["die"] + parts["hbm_footprint"]
@@ -157,6 +175,7 @@ class Accelerator:
     slow_kind: str = ""
     year: int | None = None
     source: str = "parametric design"
+    tdp_w: float | None = None  # power cap (W); None: the power model's default cap
 
     def __post_init__(self) -> None:
         if "fp32" not in self.peak_flops:
@@ -178,6 +197,8 @@ class Accelerator:
             raise CohwError(f"design {self.name!r}: give the slow tier both slow_bytes and slow_bw, or neither")
         if self.link_bw <= 0:
             raise CohwError(f"design {self.name!r}: link_bw must be > 0 (the host link spills go over)")
+        if self.tdp_w is not None and not (math.isfinite(self.tdp_w) and self.tdp_w > 0):
+            raise CohwError(f"design {self.name!r}: tdp_w = {self.tdp_w!r} must be a positive power in W, or None")
         if self.matrix_unit is not None and (len(self.matrix_unit) != 2 or min(self.matrix_unit) < 1):
             raise CohwError(f"design {self.name!r}: matrix_unit must be None or (rows, cols) >= 1")
 
@@ -229,7 +250,7 @@ class Accelerator:
         return Hardware(name=self.name, vendor="design", year=self.year,
                         peak_flops=dict(self.peak_flops), mem_bw=self.bandwidth(main),
                         mem_bytes=self.capacity(main), llc_bytes=self.sram_bytes or None,
-                        tdp_w=None, source=self.source)
+                        tdp_w=self.tdp_w, source=self.source)
 
     def cost(self, model: CostModel | None = None) -> dict[str, float]:
         """:meth:`CostModel.breakdown` under ``model`` (default coefficients)."""
@@ -254,24 +275,25 @@ class Accelerator:
         return f"{self.name}: " + ", ".join(parts)
 
 
-#: Matrix-peak multiples of the 16-bit peak for a parametric design (NVIDIA dense ratios).
-_FORMAT_X = {"fp32": 1 / 16, "tf32": 0.5, "fp16": 1.0, "bf16": 1.0, "fp8": 2.0, "int8": 2.0, "int4": 4.0}
+#: Matrix-peak multiples of the 16-bit peak for a parametric design (dense ratios; int4's is
+#: Ampere's only, see the module docstring and :func:`format_rates`).
+FORMAT_X: dict[str, float] = {"fp32": 1 / 16, "tf32": 0.5, "fp16": 1.0, "bf16": 1.0, "fp8": 2.0, "int8": 2.0, "int4": 4.0}
 
 
 def make_accelerator(name: str, tflops16: float, hbm_gb: float, hbm_tbs: float, sram_mb: float,
                      formats: Iterable[str] = ("fp8", "int8"), sram_tbs: float | None = None,
                      slow: str | None = None, link_gbs: float = 63.0,
-                     matrix_unit: tuple[int, int] | None = None) -> Accelerator:
+                     matrix_unit: tuple[int, int] | None = None, tdp_w: float | None = None) -> Accelerator:
     """A design from headline numbers: dense 16-bit TFLOP/s, HBM GB and TB/s, SRAM MB (MiB),
     narrow formats, SRAM TB/s (default :data:`SRAM_BW_X` x HBM), an optional slow tier from
-    :data:`SLOW_TIERS` and the host link in GB/s."""
+    :data:`SLOW_TIERS`, the host link in GB/s and a power cap in W (None: the power model's)."""
     bad = set(formats) - {"fp8", "int8", "int4"}
     if bad:
         raise CohwError(f"unknown formats {sorted(bad)}; a design can add fp8, int8, int4")
     if tflops16 <= 0:
         raise CohwError(f"tflops16 must be > 0, got {tflops16}")
-    peak = {k: tflops16 * 1e12 * x for k, x in _FORMAT_X.items() if k not in ("fp8", "int8", "int4")}
-    peak.update({f: tflops16 * 1e12 * _FORMAT_X[f] for f in formats})
+    peak = {k: tflops16 * 1e12 * x for k, x in FORMAT_X.items() if k not in ("fp8", "int8", "int4")}
+    peak.update({f: tflops16 * 1e12 * FORMAT_X[f] for f in formats})
     slow_bytes = slow_bw = 0.0
     if slow is not None:
         if slow not in SLOW_TIERS:
@@ -281,7 +303,7 @@ def make_accelerator(name: str, tflops16: float, hbm_gb: float, hbm_tbs: float, 
     return Accelerator(name=name, peak_flops=peak, sram_bytes=sram_mb * 2**20, sram_bw=sram_bw,
                        hbm_bytes=hbm_gb * 1e9, hbm_bw=hbm_tbs * 1e12, slow_bytes=slow_bytes,
                        slow_bw=slow_bw, link_bw=link_gbs * 1e9, matrix_unit=matrix_unit,
-                       slow_kind=slow or "")
+                       slow_kind=slow or "", tdp_w=tdp_w)
 
 
 def from_hardware(hw: str | Hardware, sram_bw_x: float = SRAM_BW_X, link_bw: float | None = None,
@@ -301,7 +323,7 @@ def from_hardware(hw: str | Hardware, sram_bw_x: float = SRAM_BW_X, link_bw: flo
     return Accelerator(name=h.name, peak_flops=dict(h.peak_flops), sram_bytes=float(h.llc_bytes or 0.0),
                        sram_bw=sram_bw_x * h.mem_bw, hbm_bytes=float(h.mem_bytes or 0.0), hbm_bw=h.mem_bw,
                        slow_bytes=slow_bytes, slow_bw=slow_bw, link_bw=link_bw, slow_kind=slow or "",
-                       year=h.year, source=h.source)
+                       year=h.year, source=h.source, tdp_w=h.tdp_w)
 
 
 def sram_only(name: str = "SRAM-only (WSE-3-like)", tflops16: float = 1000.0, sram_gb: float = 44.0,
@@ -316,10 +338,49 @@ def sram_only(name: str = "SRAM-only (WSE-3-like)", tflops16: float = 1000.0, sr
 
 def fit_area(d: Accelerator, package_mm2: float, cost: CostModel | None = None, name: str | None = None) -> Accelerator:
     """``d`` with every peak scaled so that its package area is ``package_mm2``: how much
-    compute the rest of the design leaves room for at a fixed budget."""
-    b = (cost or CostModel()).breakdown(d)
-    rest = b["package"] - b["compute"] - b["formats"]
-    if package_mm2 <= rest:
-        raise CohwError(f"{package_mm2:.0f} mm^2 does not even cover {d.name}'s non-compute area ({rest:.0f} mm^2)")
-    s = (package_mm2 - rest) / (b["compute"] + b["formats"])
-    return d.replace(peak_flops={k: v * s for k, v in d.peak_flops.items()}, name=name or d.name)
+    compute the rest of the design leaves room for at a fixed budget. The die count follows the
+    compute (the reticle limit): the first count whose die-to-die area leaves compute that
+    needs exactly that many dies is used."""
+    m = (cost or CostModel()).calibrated()
+    b = m.breakdown(d)
+    scaled = b["compute"] + b["formats"]
+    rest = b["package"] - scaled - b["d2d"]          # neither compute nor die-to-die PHY
+    logic_rest = b["die"] - b["d2d"] - scaled        # the rest's share of the logic silicon
+    for dies in range(1, 1025):
+        room = package_mm2 - rest - (dies - 1) * m.d2d_mm2
+        if room <= 0:
+            break
+        if max(1, math.ceil((logic_rest + room) / m.reticle_mm2 - 1e-9)) == dies:
+            s = room / scaled
+            return d.replace(peak_flops={k: v * s for k, v in d.peak_flops.items()}, name=name or d.name)
+    raise CohwError(f"{package_mm2:.0f} mm^2 does not even cover {d.name}'s non-compute area "
+                    f"({rest + b['d2d']:.0f} mm^2)")
+
+
+#: Dense INT4 tensor-core rates (ops/s) where a catalog chip has one; hardware.csv has no int4
+#: column because only Ampere among its chips prints one.
+INT4_TOPS: dict[str, tuple[float, str]] = {
+    "A100-40GB": (1248e12, "NVIDIA A100 Tensor Core GPU datasheet: INT4 Tensor Core 1,248 TOPS | 2,496 TOPS "
+                           "(dense | 2:4 sparse)"),
+    "A100-80GB": (1248e12, "NVIDIA A100 Tensor Core GPU datasheet: INT4 Tensor Core 1,248 TOPS | 2,496 TOPS "
+                           "(dense | 2:4 sparse)"),
+}
+
+
+def format_rates(chips: Iterable[str | Hardware]) -> "pd.DataFrame":
+    """Each chip's narrow-format matrix rates as multiples of its dense 16-bit peak (fp8, int8
+    from ``hardware.csv``; int4 from :data:`INT4_TOPS`), NaN where the chip has no such rate,
+    beside :data:`FORMAT_X`'s parametric ratios (row ``parametric design``)."""
+    import pandas as pd
+
+    rows = []
+    for c in chips:
+        h = get_hardware(c) if isinstance(c, str) else c
+        p16 = h.peak_flops.get("bf16", h.peak_flops.get("fp16"))
+        row = {"chip": h.name, "year": h.year}
+        for f in ("fp8", "int8"):
+            row[f] = h.peak_flops[f] / p16 if (f in h.peak_flops and p16) else float("nan")
+        row["int4"] = INT4_TOPS[h.name][0] / p16 if h.name in INT4_TOPS and p16 else float("nan")
+        rows.append(row)
+    rows.append({"chip": "parametric design", "year": None, **{f: FORMAT_X[f] for f in ("fp8", "int8", "int4")}})
+    return pd.DataFrame(rows).set_index("chip")

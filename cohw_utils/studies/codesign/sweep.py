@@ -39,6 +39,7 @@ from cohw_utils.studies.codesign.accelerator import RESOURCES, TIERS, Accelerato
 from cohw_utils.studies.codesign.op_times import efficiency_factors, matrix_utilization
 from cohw_utils.studies.codesign.phases import PreparedPhase
 from cohw_utils.studies.codesign.placement import placement
+from cohw_utils.studies.codesign.power import PowerModel, apply_power
 
 __all__ = ["evaluate_designs", "design_grid", "design_params", "sweep_designs"]
 
@@ -90,7 +91,8 @@ def _design_arrays(designs: Sequence[Accelerator]) -> dict[str, np.ndarray]:
 def evaluate_designs(designs: Accelerator | Sequence[Accelerator],
                      phases: PreparedPhase | Sequence[PreparedPhase],
                      table: energy.EnergyTable | None = None, quantize: bool = True, spill: str = "weights",
-                     efficiency: Any = None, cost: CostModel | None = None) -> pd.DataFrame:
+                     efficiency: Any = None, cost: CostModel | None = None,
+                     power: PowerModel | None = None) -> pd.DataFrame:
     """Every design on every phase: one row per (design, phase).
 
     Columns: ``design``, ``phase`` (label), ``workload``, ``klass``, ``variant`` (weight format
@@ -99,8 +101,11 @@ def evaluate_designs(designs: Accelerator | Sequence[Accelerator],
     ``share_<resource>`` (time share bound by each), ``util_compute`` (ideal compute time /
     time), ``util_memory`` (main-memory transfer time / time), ``bytes_<tier>``,
     ``spilled_bytes`` (footprint outside main memory and SRAM), ``fits`` (footprint fits SRAM +
-    main memory), ``resident`` (weights on chip), ``die_mm2``, ``package_mm2``.
-    ``table`` defaults to the ``7nm-hbm2e`` energy table.
+    main memory), ``resident`` (weights on chip), ``dies``, ``die_mm2``, ``package_mm2``.
+    ``table`` defaults to the ``7nm-hbm2e`` energy table. With ``power`` (a
+    :class:`~cohw_utils.studies.codesign.power.PowerModel`), static power and the power cap
+    apply (:func:`~cohw_utils.studies.codesign.power.apply_power`: its columns are added and the
+    times and energies are the capped ones); without, energy is dynamic and nothing is capped.
     """
     ds = [designs] if isinstance(designs, Accelerator) else list(designs)
     ps = [phases] if isinstance(phases, PreparedPhase) else list(phases)
@@ -184,10 +189,12 @@ def evaluate_designs(designs: Accelerator | Sequence[Accelerator],
         frame["spilled_bytes"] = res["spilled"]
         frame["fits"] = res["fits"].astype(bool)
         frame["resident"] = res["resident"].astype(bool)
+        frame["dies"] = [a["dies"] for a in areas]
         frame["die_mm2"] = [a["die"] for a in areas]
         frame["package_mm2"] = [a["package"] for a in areas]
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+    out = pd.concat(frames, ignore_index=True)
+    return out if power is None else apply_power(out, ds, power)
 
 
 def design_grid(tflops16: Sequence[float], hbm_tbs: Sequence[float], hbm_gb: Sequence[float],
