@@ -73,3 +73,34 @@ def test_nerfacto_is_memory_bound_in_its_hash_grids():
     assert enc_bytes > 50
     assert render.loc[("forward", "field query", "MLP"), "flops_%"] > 50
     assert isinstance(rp.fig_pipeline_bars(pipe, "nerfacto"), Figure)
+
+
+# ------------------------------------------------------------------ render + compute on two units
+def test_list_schedule_hand_computed():
+    chain = [("R", 1.0), ("M", 2.0), ("R", 1.0)]
+    assert rp.list_schedule(chain, 1)["makespan_s"] == pytest.approx(4.0)      # one chunk: serial
+    # two chunks (0.5, 1, 0.5 each): R1a 0-0.5, Ma 0.5-1.5, R1b 0.5-1, Mb 1.5-2.5, R2a 1.5-2, R2b 2.5-3
+    r = rp.list_schedule(chain, 2)
+    assert r["makespan_s"] == pytest.approx(3.0) and r["serial_s"] == 4.0
+    assert r["busy_R_s"] == 2.0 and r["busy_M_s"] == 2.0
+    # many chunks approach the busier unit's total plus one chunk's fill and drain
+    assert rp.list_schedule(chain, 100)["makespan_s"] == pytest.approx(2.0 + 0.02, abs=1e-9)
+
+
+def test_list_schedule_bad_input():
+    from cohw_utils.core.errors import CohwError
+    with pytest.raises(CohwError, match="chunks must be a positive integer"):
+        rp.list_schedule([("R", 1.0)], 0)
+    with pytest.raises(CohwError, match="at least one task"):
+        rp.list_schedule([], 2)
+
+
+def test_two_unit_schedule_of_vanilla_nerf_render():
+    hw = get_hardware("H100-SXM")
+    pipe = rp.nerf_pipeline("vanilla-nerf", hw, rays=256)
+    chain = rp.unit_chain(pipe, "render")
+    assert [u for u, _ in chain][:2] != [chain[0][0]] * 2                # alternating units, merged runs
+    assert sum(t for _, t in chain) == pytest.approx(pipe.loc["render"]["time_s"].sum())
+    s = rp.two_unit_schedule(pipe, hw, chunks=(1, 8))
+    assert s.loc[1, "speedup"] == pytest.approx(1.0)                     # no chunks, no overlap
+    assert 1.0 < s.loc[8, "speedup"] <= s.loc[8, "serial_s"] / s.loc[8, "bound_s"] + 1e-9

@@ -28,6 +28,20 @@ Backward ops carry the stage of the module whose forward created them (pass ``ba
 Inside the text-to-3D step (``dreamfusion-sd``) the NeRF lives under ``nerf.`` and the
 diffusion guidance adds ``VAE encoder`` and ``UNet guidance`` stages.
 
+Render and compute as two resources
+-----------------------------------
+:func:`two_unit_schedule` asks what a stack that runs the stages concurrently gains (the seed's
+"render and compute in parallel"): every ``MLP`` row runs on a **matrix unit**, everything else
+(ray generation, sampling, encodings, compositing) on a **render unit** (texture/RT/SIMT-style
+hardware), each op at its roofline time. One phase's rows, in pipeline order, become a chain of
+tasks that alternate units (consecutive rows on the same unit merge); the batch of rays is split
+into ``chunks`` equal chunks that flow through the chain, and :func:`list_schedule` places them
+(each unit runs one task at a time; a task starts once its predecessor in the chunk has finished;
+ties go to the earlier chunk). Serial time is the sum of all tasks; the overlap can at best reach
+the busier unit's total. Assumptions: times scale linearly with the chunk, and each unit sees the
+full memory bandwidth; since they share it, the makespan is also floored at the phase's bytes
+over the memory bandwidth (``memory_floor_s``).
+
 Used by Chapter 2 (render+compute pipelines).
 """
 from __future__ import annotations
@@ -39,6 +53,7 @@ import torch
 from matplotlib.figure import Figure
 
 from cohw_utils import workloads
+from cohw_utils.core.errors import CohwError
 from cohw_utils.spine.costs import VIEW
 from cohw_utils.hardware import Hardware
 from cohw_utils.studies.architecture.inventory import _ridge, trace_phase
@@ -177,3 +192,71 @@ def fig_pipeline_bars(pipe: pd.DataFrame, title: str = "") -> Figure:
     fig.suptitle(title or "NeRF pipeline stages")
     fig.tight_layout()
     return fig
+
+
+UNITS = ("render unit", "matrix unit")
+
+
+def list_schedule(chain: list[tuple[str, float]], chunks: int) -> dict[str, float]:
+    """Makespan of ``chunks`` copies of ``chain`` (``(unit, seconds)`` per task, for the whole
+    batch; each chunk takes ``seconds / chunks``) on one unit per name, list-scheduled as the
+    module docstring says. Returns ``makespan_s``, ``serial_s`` and per-unit ``busy_<unit>_s``."""
+    if chunks < 1 or int(chunks) != chunks:
+        raise CohwError(f"chunks must be a positive integer, got {chunks!r}")
+    if not chain or any(t < 0 for _, t in chain):
+        raise CohwError("chain needs at least one task, each with seconds >= 0")
+    n, jobs = int(chunks), len(chain)
+    free: dict[str, float] = {u: 0.0 for u, _ in chain}
+    done = [[None] * jobs for _ in range(n)]          # finish time of task j of chunk k
+    nxt = [0] * n                                    # next task index of each chunk
+    for _ in range(n * jobs):
+        best = None
+        for k in range(n):
+            j = nxt[k]
+            if j == jobs:
+                continue
+            unit, t = chain[j]
+            start = max(free[unit], done[k][j - 1] if j else 0.0)
+            if best is None or (start, k, j) < best[:3]:
+                best = (start, k, j, unit, t / n)
+        start, k, j, unit, dur = best
+        done[k][j] = free[unit] = start + dur
+        nxt[k] += 1
+    out = {"makespan_s": max(free.values()), "serial_s": sum(t for _, t in chain)}
+    for u in dict.fromkeys(u for u, _ in chain):
+        out[f"busy_{u}_s"] = sum(t for v, t in chain if v == u)
+    return out
+
+
+def unit_chain(pipe: pd.DataFrame, phase_key: str = "render") -> list[tuple[str, float]]:
+    """The task chain of one phase of a :func:`pipeline_table` (with components): its rows in
+    pipeline order, ``MLP`` rows on the matrix unit, the rest on the render unit, consecutive
+    rows on the same unit merged."""
+    rows = pipe.loc[phase_key].reset_index()
+    chain: list[tuple[str, float]] = []
+    for comp, t in zip(rows["component"], rows["time_s"]):
+        unit = UNITS[1] if comp == "MLP" else UNITS[0]
+        if chain and chain[-1][0] == unit:
+            chain[-1] = (unit, chain[-1][1] + float(t))
+        else:
+            chain.append((unit, float(t)))
+    return chain
+
+
+def two_unit_schedule(pipe: pd.DataFrame, hw: Hardware, phase_key: str = "render",
+                      chunks: tuple[int, ...] = (1, 2, 4, 8, 16, 64)) -> pd.DataFrame:
+    """Serial vs overlapped time of one phase on a render unit + a matrix unit, per chunk count:
+    ``makespan_s``, ``speedup`` (serial / overlapped, floored at the shared-memory bound),
+    ``bound_s`` (the busier unit's total: the best any overlap can do) and ``memory_floor_s``
+    (the phase's bytes at ``hw``'s memory bandwidth)."""
+    chain = unit_chain(pipe, phase_key)
+    floor = float(pipe.loc[phase_key]["bytes_moved"].sum()) / hw.mem_bw
+    rows = []
+    for c in chunks:
+        r = list_schedule(chain, c)
+        bound = max(v for k, v in r.items() if k.startswith("busy_"))
+        made = max(r["makespan_s"], floor)
+        rows.append({"chunks": c, "tasks": len(chain), "serial_s": r["serial_s"], "makespan_s": made,
+                     "bound_s": max(bound, floor), "memory_floor_s": floor, "speedup": r["serial_s"] / made,
+                     **{k: v for k, v in r.items() if k.startswith("busy_")}})
+    return pd.DataFrame(rows).set_index("chunks")
