@@ -34,6 +34,10 @@ with status 2.
 decoder LM on one chip (:func:`cohw_utils.studies.validation.predict.predict_request`): calibrated
 on the ledger by default, ``--ideal`` for the 100%-of-spec roofline, with its assumptions listed.
 An unknown hardware name, impossible lengths or a model that does not fit exit 2 with one line.
+``--tp/--pp/--dp/--ep`` (with ``--link`` and ``--microbatches``) predict the request under a parallel
+plan (:func:`cohw_utils.studies.parallel.plans.predict_plan`): each stage's per-rank time, the
+communication per collective, the pipeline bubble, TTFT, TPOT and tokens/s; a degree that does not
+divide the heads, layers, experts or batch exits 2 naming the fix.
 
 The command-line form of Chapters 1-2's summary view (README: `analyze`); Chapter 2's cache and
 FLOP-convention discussion is what the cache block and the two FLOP lines print.
@@ -109,7 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="100%% of spec, unfused bytes, no overhead")
     r.add_argument("--tp", type=_positive_int, default=1,
                    help="tensor-parallel degree: predict one rank of the model's own TP plan (default 1)")
-    r.add_argument("--link", default=None, help="interconnect for --tp > 1, a name in "
+    r.add_argument("--pp", type=_positive_int, default=1,
+                   help="pipeline stages: the layers split evenly, GPipe schedule (default 1)")
+    r.add_argument("--dp", type=_positive_int, default=1,
+                   help="data-parallel replicas, each serving batch / dp sequences (default 1)")
+    r.add_argument("--ep", type=_positive_int, default=1,
+                   help="expert-parallel degree of a mixture-of-experts model (default 1)")
+    r.add_argument("--microbatches", type=_positive_int, default=1,
+                   help="microbatches a pipeline carries per step (default 1; must divide batch / (dp x ep))")
+    r.add_argument("--link", default=None, help="interconnect for --tp/--pp/--ep > 1, a name in "
                                                "cohw_utils/data/interconnects.csv (e.g. nvlink4-h100)")
     r.add_argument("--json", action="store_true", help="print JSON instead of text")
     w = sub.add_parser("sweep", help="costs (and step times on a chip) of one phase over a grid of shapes, "
@@ -270,36 +282,41 @@ def _print_text(t: dict) -> None:
               + ", ".join(f"{op} x{n}" for op, n in t["uncosted"].items()))
 
 
-def _predict_tp(args: argparse.Namespace) -> int:
-    from cohw_utils.hardware import get_interconnect, load_interconnects
-    from cohw_utils.studies.parallel.scaling import tp_curve
+def _predict_plan(args: argparse.Namespace) -> int:
+    from cohw_utils.studies.parallel.plans import predict_plan
 
-    if args.link is None:
-        raise CohwError(f"--tp {args.tp} needs --link, the interconnect between the chips: one of "
-                        f"{', '.join(sorted(load_interconnects()))}")
-    link = get_interconnect(args.link)
-    c = tp_curve(args.workload, args.hardware, link, [args.tp], batch=args.batch, input_len=args.input_len,
-                 output_len=args.output_len, dtype=args.dtype, weight_fmt=args.weights or args.dtype,
-                 calibration="calibrated" if args.calibrated else None)
-    row = {k: float(v) for k, v in c.loc[args.tp].items()}
+    p = predict_plan(args.workload, args.hardware, args.link, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep,
+                     microbatches=args.microbatches, batch=args.batch, input_len=args.input_len,
+                     output_len=args.output_len, dtype=args.dtype, weight_fmt=args.weights or args.dtype,
+                     calibration="calibrated" if args.calibrated else None)
+    d = _jsonable(p.as_dict())
     if args.json:
-        print(json.dumps({"tp": args.tp, "link": link.name, "mode": c.attrs["calibration"], **row}, indent=2))
+        print(json.dumps(d, indent=2, allow_nan=False))
         return 0
-    print(f"{args.workload} on {args.tp} x {c.attrs['hardware']} over {link.name}: batch {args.batch}, "
-          f"{args.input_len} in / {args.output_len} out ({c.attrs['calibration']}, one rank)")
-    for key in ("prefill compute (ms)", "prefill comm (ms)", "decode compute (ms)", "decode comm (ms)",
-                "TTFT (ms)", "TPOT (ms)", "tokens/s", "tokens/s per device"):
-        print(f"  {key:<22}{row[key]:>12,.3f}")
-    print("  assumptions:\n    - every collective on the critical path (no overlap), ring algorithms "
-          "(cohw_utils.views.collectives)\n    - per-rank tables from the model's own TP plan "
-          "(cohw_utils.spine.shard)")
+    plan = " x ".join(f"{k} {v}" for k, v in p.plan.items() if k != "microbatches")
+    over = f" over {p.link}" if p.link else ""
+    print(f"{args.workload} on {p.devices} x {p.hardware}{over} ({plan}): batch {args.batch}, "
+          f"{args.input_len} in / {args.output_len} out ({p.mode})")
+    print("  per rank, one microbatch (ms):")
+    print(p.stages.to_string(index=False, float_format=lambda x: f"{x:,.3f}").replace("\n", "\n    ").join(["    ", ""]))
+    if len(p.collectives):
+        print("  communication per collective (one rank, one microbatch):")
+        print(p.collectives.to_string(index=False, float_format=lambda x: f"{x:,.3f}")
+              .replace("\n", "\n    ").join(["    ", ""]))
+    print(f"  pipeline bubble     {100 * p.bubble:.1f}% of each step ({args.pp} stages, {args.microbatches} microbatches)")
+    print(f"  TTFT                {d['TTFT (ms)']:,.3f} ms")
+    print(f"  TPOT                {d['TPOT (ms)']:,.3f} ms")
+    print(f"  tokens/s            {d['tokens/s']:,.1f}  ({d['tokens/s per device']:,.1f} per device)")
+    print("  assumptions:")
+    for a in p.assumptions:
+        print(f"    - {a}")
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
     from cohw_utils.studies.validation.predict import predict_request
-    if args.tp > 1 or args.link is not None:
-        return _predict_tp(args)
+    if max(args.tp, args.pp, args.dp, args.ep, args.microbatches) > 1 or args.link is not None:
+        return _predict_plan(args)
     p = predict_request(args.workload, args.hardware, batch=args.batch, input_len=args.input_len,
                         output_len=args.output_len, dtype=args.dtype, weight_fmt=args.weights,
                         calibrated=args.calibrated, cost_function=True)

@@ -47,7 +47,7 @@ from cohw_utils.spine.trace import trace
 from cohw_utils.workloads import build
 
 __all__ = ["ShardError", "TP_STYLES", "fake_world", "model_tp_plan", "apply_tp", "stage_layers",
-           "per_rank_table", "collective_rows"]
+           "per_rank_table", "collective_rows", "comm_debug_counts", "MESSAGE_ARG"]
 
 
 class ShardError(ConfigError):
@@ -77,8 +77,8 @@ TP_STYLES: tuple[str, ...] = ("colwise", "rowwise", "packed_colwise", "colwise_g
 
 
 @contextlib.contextmanager
-def fake_world(world_size: int) -> Iterator[None]:
-    """torch's fake process group of ``world_size`` ranks (this process is rank 0) for the
+def fake_world(world_size: int, rank: int = 0) -> Iterator[None]:
+    """torch's fake process group of ``world_size`` ranks (this process is ``rank``) for the
     block; a process group already running (under torchrun) is used as it is."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -90,7 +90,9 @@ def fake_world(world_size: int) -> Iterator[None]:
         yield
         return
     hook = sys.excepthook  # init_process_group chains a '[rank0]:' prefix onto it: put it back after
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    if not 0 <= rank < world_size:
+        raise ShardError(f"rank {rank} of a {world_size}-rank world: pick rank in 0..{world_size - 1}")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         yield
     finally:
@@ -204,16 +206,78 @@ def _keep_stage(model: nn.Module, pp: int, stage: int) -> tuple[int, int]:
     return keep.start, len(keep)
 
 
-def collective_rows(table: pd.DataFrame) -> pd.DataFrame:
+#: c10d ops whose first argument is the output buffer: the message is argument ``MESSAGE_ARG[op]``
+#: (``_allgather_base_(output, input)``: the gathered output; ``_reduce_scatter_base_(output,
+#: input)``: the input; ``send``/``recv_(tensors)``: the buffer), as its cost formula takes it.
+MESSAGE_ARG: dict[str, int] = {"c10d._allgather_base_": 0, "c10d.allgather_into_tensor_coalesced_": 0,
+                               "c10d._reduce_scatter_base_": 1, "c10d.reduce_scatter_tensor_coalesced_": 1,
+                               "c10d.send": 0, "c10d.recv_": 0}
+
+
+def collective_rows(table: pd.DataFrame, group_size: int | None = None) -> pd.DataFrame:
     """The op table with ``group_size`` and ``comm_bytes`` filled from the trace's record of each
-    collective (NaN on every other row)."""
+    collective (NaN on every other row).
+
+    torch's ``c10d`` ops (FSDP2's all-gathers and reduce-scatters, pipelining's sends) take an
+    output buffer as an argument and name their group by a script object the tracer does not
+    read: their message is taken from the argument :data:`MESSAGE_ARG` names, and their group
+    size is ``group_size`` (the mesh the caller sharded over; 2 for a send or receive)."""
     out = table.copy()
     out["group_size"] = math.nan
     out["comm_bytes"] = math.nan
+    gs, cb = out.columns.get_loc("group_size"), out.columns.get_loc("comm_bytes")
     for pos, c in table.attrs.get("collectives", {}).items():
-        out.iat[pos, out.columns.get_loc("group_size")] = c["group_size"]
-        out.iat[pos, out.columns.get_loc("comm_bytes")] = c["nbytes"]
+        n, nbytes = c["group_size"], c["nbytes"]
+        arg = MESSAGE_ARG.get(c["op"])
+        if arg is not None:
+            shapes, dtype = table.iat[pos, table.columns.get_loc("input_shapes")], table.iat[pos, table.columns.get_loc("dtype")]
+            nbytes = math.prod(shapes[arg]) * getattr(torch, dtype).itemsize
+            if c["op"] in ("c10d.send", "c10d.recv_"):
+                n = 2
+            elif n == 1 and group_size is not None:
+                n = group_size
+        out.iat[pos, gs] = n
+        out.iat[pos, cb] = nbytes
     out.attrs = dict(table.attrs)
+    return out
+
+
+def comm_debug_counts(table: pd.DataFrame) -> pd.DataFrame:
+    """The tracer's collective rows against ``torch.distributed.tensor.debug.CommDebugMode``'s
+    counts of the same run (``per_rank_table(..., comm_debug=True)``): one row per scope (each
+    decoder layer ``model.layers.i``, and ``total``), pass and collective (the op's name without
+    namespace, e.g. ``all_reduce``), with ``traced`` and ``comm_debug`` counts and ``match``."""
+    debug = table.attrs.get("comm_debug")
+    if debug is None:
+        raise ShardError("this table was traced without CommDebugMode: pass comm_debug=True to per_rank_table")
+    comm = table[table["op_class"] == COMMUNICATION]
+    names = [op.split(".")[1] for op in comm["op"]]
+    traced: dict[tuple[str, str, str], int] = {}
+    for module, npass, name in zip(comm["module"], comm["pass"], names):
+        m = re.match(r"(.*\blayers\.\d+)(\.|$)", module)
+        for scope in ([m.group(1)] if m else []) + ["total"]:
+            traced[(scope, npass, name)] = traced.get((scope, npass, name), 0) + 1
+    keys = set(traced) | set(debug)
+    rows = [{"scope": k[0], "pass": k[1], "collective": k[2], "traced": traced.get(k, 0),
+             "comm_debug": debug.get(k, 0)} for k in keys]
+    out = pd.DataFrame(rows, columns=["scope", "pass", "collective", "traced", "comm_debug"])
+    out["match"] = out["traced"] == out["comm_debug"]
+    layer = out["scope"].str.extract(r"layers\.(\d+)$")[0].astype(float).fillna(math.inf)
+    return out.assign(_o=layer).sort_values(["_o", "scope", "pass", "collective"]).drop(columns="_o").reset_index(drop=True)
+
+
+def _comm_debug_scopes(mode: Any) -> dict[tuple[str, str, str], int]:
+    """CommDebugMode's per-module counts as {(scope, pass, collective): count}: each decoder
+    layer (its FQN without the root class) and the run's ``total``."""
+    out: dict[tuple[str, str, str], int] = {}
+    for fqn, by_pass in mode.comm_module_counts.items():
+        scope = fqn.split(".", 1)[1] if "." in fqn else fqn
+        if not re.search(r"\blayers\.\d+$", scope) and fqn != "Global":
+            continue
+        for npass, counts in by_pass.items():
+            for op, n in counts.items():
+                if n:
+                    out[("total" if fqn == "Global" else scope, npass, op.__name__.split(".")[-1])] = n
     return out
 
 
@@ -239,13 +303,15 @@ def _p2p_rows(table: pd.DataFrame, stage: int, pp: int, tokens: int, hidden: int
 
 def per_rank_table(workload: Any, phase: str = "prefill", *, tp: int = 1, pp: int = 1, stage: int = 0,
                    batch: int = 1, seq_len: int | None = None, dtype: Any = None,
-                   plan: dict[str, str] | None = None, **options: Any) -> pd.DataFrame:
+                   plan: dict[str, str] | None = None, comm_debug: bool = False, **options: Any) -> pd.DataFrame:
     """The op table of one rank of ``workload`` (a registry name or config path) under
     ``tp``-way tensor and ``pp``-way pipeline parallelism, pipeline ``stage``, for ``phase``
     at the global ``batch`` and ``seq_len`` (one microbatch: the whole batch).
 
     Rows as :func:`cohw_utils.spine.trace.trace`, plus ``group_size`` and ``comm_bytes``;
-    ``table.attrs`` gains ``parallel`` = {tp, pp, stage, first_layer, layers}.
+    ``table.attrs`` gains ``parallel`` = {tp, pp, stage, first_layer, layers}. ``comm_debug=True``
+    runs torch's ``CommDebugMode`` around the same traced run and keeps its counts in
+    ``table.attrs["comm_debug"]`` (compare them with :func:`comm_debug_counts`).
     """
     for name, v in (("tp", tp), ("pp", pp)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -262,12 +328,21 @@ def per_rank_table(workload: Any, phase: str = "prefill", *, tp: int = 1, pp: in
     with fake_world(tp):
         apply_tp(model, tp, plan)
         args, kwargs = built.phases[phase].make_inputs()
-        table = trace(built.phases[phase].run, *args, model=model, phase=phase, **kwargs)
-    table = collective_rows(table)
+        with _comm_debug() if comm_debug else contextlib.nullcontext() as mode:
+            table = trace(built.phases[phase].run, *args, model=model, phase=phase, **kwargs)
+    table = collective_rows(table, tp)
+    if comm_debug:
+        table.attrs["comm_debug"] = _comm_debug_scopes(mode)
     tokens = batch * (1 if phase == "decode" else (seq_len or _seq_len_of(kwargs)))
     table = _p2p_rows(table, stage, pp, tokens, model.config.hidden_size, built.dtype, phase)
     table.attrs["parallel"] = {"tp": tp, "pp": pp, "stage": stage, "first_layer": first, "layers": n}
     return table
+
+
+def _comm_debug() -> Any:
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    return CommDebugMode()
 
 
 def _seq_len_of(kwargs: dict) -> int:

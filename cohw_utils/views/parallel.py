@@ -22,6 +22,30 @@ Pipeline parallelism (:func:`pipeline_bubble`): with ``p`` stages and ``m`` micr
 GPipe / 1F1B schedule idles a fraction ``(p - 1) / (m + p - 1)`` of its time (Huang et al. 2019;
 Narayanan et al. 2021, Sec. 2.2).
 
+FSDP2's collectives (:func:`fsdp_comm`), per training step with every decoder layer a unit and
+the root a unit of the rest: an all-gather of each unit's parameters before its forward and, for
+the units resharded after forward (all but the root, FSDP2's default), again before its
+backward; a reduce-scatter of each unit's gradients. The message is the unit's gathered bytes
+(each parameter's dim 0 padded to a multiple of ``dp``); a ring sends ``(dp - 1) / dp`` of it per
+rank. :func:`cohw_utils.spine.shard_train.fsdp_step_table` traces the same collectives from
+``fully_shard`` itself, on a small model.
+
+A plan of ``tp x pp x ep`` devices per replica and ``dp`` replicas (:func:`validate_plan`,
+:func:`pipeline_step_seconds`, :func:`expert_parallel_table`; the ``predict`` command):
+
+* **data parallelism** at inference is ``dp`` independent replicas, each serving ``batch / dp``
+  sequences (no communication); ``dp`` must divide the batch;
+* **pipeline**: a replica's batch is split into ``m`` microbatches; under GPipe's schedule a step
+  takes ``(m + p - 1)`` ticks of the slowest stage (each tick one microbatch through one stage),
+  the bubble ``(p - 1) / (m + p - 1)`` of it idle;
+* **expert parallelism** (mixture-of-experts models): the ``ep`` ranks of a replica split its
+  sequences for attention and the dense layers (``batch / (dp ep)`` each, "data-parallel
+  attention") and hold ``E / ep`` routed experts each; under balanced routing each rank's grouped
+  GEMMs get as many token-expert rows as its own tokens make, spread over its ``E / ep`` experts,
+  so their FLOPs are unchanged and their weight reads cover at most ``E / ep`` experts. Each MoE
+  layer adds two all-to-alls (dispatch and combine) of ``tokens x k x hidden x dtype`` bytes per
+  rank. Tensor and expert parallelism together are not modelled.
+
 Memory per rank:
 
 * **Training state** (:func:`training_state_bytes`), mixed-precision Adam as in ZeRO
@@ -39,7 +63,7 @@ Memory per rank:
 * **KV cache per rank** (:func:`kv_bytes_per_rank`): the model's per-token cache divided by
   ``tp`` (each rank holds its KV heads) and by ``pp`` (each stage its layers).
 
-Used by Chapter 4.7 and the ``predict`` command's ``--tp``/``--pp``.
+Used by Chapter 4.7 and the ``predict`` command's ``--tp``/``--pp``/``--dp``/``--ep``.
 """
 from __future__ import annotations
 
@@ -48,6 +72,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from cohw_utils.core.dtypes import bytes_per_element
 from cohw_utils.core.errors import CohwError
 from cohw_utils.core.opclasses import COMMUNICATION
 from cohw_utils.hardware import Hardware
@@ -55,7 +80,8 @@ from cohw_utils.views.collectives import COLLECTIVE_OF_OP, collective_time
 from cohw_utils.views.predictor import Calibration, phase_seconds
 
 __all__ = ["RankTime", "comm_table", "rank_seconds", "pipeline_bubble", "training_state_bytes",
-           "activation_bytes", "kv_bytes_per_rank", "ACTIVATION_MODES"]
+           "activation_bytes", "kv_bytes_per_rank", "ACTIVATION_MODES", "fsdp_comm", "validate_plan",
+           "pipeline_step_seconds", "expert_parallel_table", "moe_geometry"]
 
 
 def _packet(op: str) -> str:
@@ -176,3 +202,124 @@ def kv_bytes_per_rank(kv_bytes_per_token: float, tokens: int, tp: int = 1, pp: i
         raise CohwError(f"kv_bytes_per_rank(tp={tp}, pp={pp}): both must be >= 1")
     return float(kv_bytes_per_token) * tokens / (tp * pp)
 
+
+
+def fsdp_comm(unit_bytes: dict[str, float], dp: int, *, root: str = "<root>", reshard_after_forward: bool = True,
+              grad_bytes_ratio: float = 1.0) -> pd.DataFrame:
+    """FSDP2's collectives of one training step (module docstring): one row per unit, pass and
+    kind with ``comm_bytes`` (the message) and ``bus_bytes`` (sent per rank by a ring).
+    ``unit_bytes``: each unit's gathered parameter bytes; ``grad_bytes_ratio``: gradient bytes
+    per parameter byte (0.5 for fp32 gradients of bf16 parameters is 2.0, say)."""
+    if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
+        raise CohwError(f"fsdp_comm(dp={dp!r}): dp must be a whole number of ranks >= 1")
+    rows = []
+    for unit, b in unit_bytes.items():
+        rows.append((unit, "forward", "all_gather", b))
+        if reshard_after_forward and unit != root:
+            rows.append((unit, "backward", "all_gather", b))
+        rows.append((unit, "backward", "reduce_scatter", b * grad_bytes_ratio))
+    out = pd.DataFrame(rows, columns=["unit", "pass", "kind", "comm_bytes"])
+    out["bus_bytes"] = out["comm_bytes"] * (dp - 1) / dp
+    return out
+
+
+def moe_geometry(config) -> tuple[int | None, int | None]:
+    """``(routed experts, experts per token)`` a config names (None, None for a dense model)."""
+    def first(*names):
+        for name in names:
+            v = getattr(config, name, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+    experts = first("num_local_experts", "num_experts", "n_routed_experts")
+    return (experts, first("num_experts_per_tok", "moe_topk", "top_k")) if experts and experts > 1 else (None, None)
+
+
+def validate_plan(config, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1, batch: int = 1,
+                  microbatches: int = 1) -> None:
+    """Raise :class:`CohwError` naming the problem and the fix when a plan cannot be built for
+    ``config`` (a model config) at this ``batch`` (module docstring's plan)."""
+    for name, v in (("tp", tp), ("pp", pp), ("dp", dp), ("ep", ep), ("microbatches", microbatches), ("batch", batch)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise CohwError(f"{name}={v!r}: must be a whole number >= 1")
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    for what, n in (("attention heads", heads), ("KV heads", kv)):
+        if tp > 1 and n and n % tp:
+            raise CohwError(f"tp={tp} does not divide the model's {n} {what}; pick tp among the divisors of {n}")
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers and pp > layers:
+        raise CohwError(f"pp={pp} is more pipeline stages than the model's {layers} layers")
+    if batch % dp:
+        raise CohwError(f"dp={dp} replicas cannot share a batch of {batch} sequences evenly: give --batch a "
+                        f"multiple of {dp} (each replica serves batch / dp; a batch-1 decode cannot be data-parallel)")
+    experts, _ = moe_geometry(config)
+    if ep > 1:
+        if experts is None:
+            raise CohwError(f"ep={ep}: expert parallelism needs a mixture-of-experts model; this one has no routed experts")
+        if experts % ep:
+            raise CohwError(f"ep={ep} does not divide the model's {experts} routed experts; pick ep among its divisors")
+        if tp > 1:
+            raise CohwError("tp and ep together are not modelled: give an MoE model --ep (with --pp/--dp), or --tp alone "
+                            "for a dense one")
+        if (batch // dp) % ep:
+            raise CohwError(f"ep={ep} ranks split a replica's {batch // dp} sequences for attention: give --batch a "
+                            f"multiple of dp x ep = {dp * ep}")
+    per_rank = batch // (dp * ep)
+    if per_rank % microbatches:
+        raise CohwError(f"microbatches={microbatches} must divide the {per_rank} sequences a pipeline carries "
+                        "(batch / (dp x ep))")
+    if microbatches > 1 and pp == 1:
+        raise CohwError(f"microbatches={microbatches} without a pipeline: give --pp > 1, or leave microbatches at 1")
+
+
+def pipeline_step_seconds(stage_seconds: list[float], microbatches: int = 1) -> tuple[float, float]:
+    """``(step seconds, bubble fraction)`` of a GPipe step: ``(m + p - 1)`` ticks of the slowest
+    stage's time per microbatch (module docstring)."""
+    if not stage_seconds:
+        raise CohwError("pipeline_step_seconds needs one time per stage")
+    p = len(stage_seconds)
+    return (microbatches + p - 1) * max(stage_seconds), pipeline_bubble(p, microbatches)
+
+
+def expert_parallel_table(table: pd.DataFrame, ep: int, experts: int, top_k: int, tokens: int,
+                          hidden: int) -> pd.DataFrame:
+    """One expert-parallel rank's table from the rank's own table at its ``tokens`` (module
+    docstring): grouped-GEMM weight reads capped at ``experts / ep`` experts, and a dispatch and a
+    combine all-to-all row per MoE layer (``tokens x top_k x hidden`` elements each)."""
+    if ep == 1:
+        return table
+    if experts % ep:
+        raise CohwError(f"ep={ep} does not divide {experts} experts")
+    out = table.copy()
+    if "comm_bytes" not in out.columns:
+        out["group_size"], out["comm_bytes"] = math.nan, math.nan
+    grouped = out["op"].str.startswith("aten._grouped_mm")
+    layer_of = out["module"].str.extract(r"^(.*?layers\.\d+)\.")[0]
+    for i in out.index[grouped]:
+        a, b = out.at[i, "input_shapes"][:2]
+        if len(b) != 3:
+            continue
+        eb = out.at[i, "bytes_read"]  # a, b, offsets as traced; replace b's routed-expert count
+        per_expert = b[1] * b[2] * _itemsize(out.at[i, "dtype"])
+        out.at[i, "bytes_read"] = eb - (min(b[0], a[0]) - min(b[0] // ep, a[0])) * per_expert
+    moe_layers = sorted(set(layer_of[grouped].dropna()), key=lambda m: int(m.rsplit(".", 1)[1]))
+    dtype = out.loc[grouped, "dtype"].iloc[0] if grouped.any() else "bfloat16"
+    nbytes = tokens * top_k * hidden * _itemsize(dtype)
+    rows = []
+    for layer in moe_layers:
+        for what in ("dispatch", "combine"):
+            rows.append({**{c: None for c in out.columns}, "op": "_c10d_functional.all_to_all_single.default",
+                         "module": f"{layer}.experts.<{what}>", "module_class": "", "phase": table.attrs.get("phase", ""),
+                         "pass": "forward", "op_class": COMMUNICATION, "input_shapes": (), "output_shapes": (),
+                         "dtype": dtype, "flops": 0, "flops_effective": 0, "macs": 0, "bytes_read": nbytes,
+                         "bytes_written": nbytes, "intensity": math.nan, "costed": True, "group_size": ep,
+                         "comm_bytes": nbytes})
+    res = pd.concat([out, pd.DataFrame(rows, columns=out.columns)], ignore_index=True) if rows else out
+    res.attrs = dict(table.attrs)
+    res.attrs["expert_parallel"] = {"ep": ep, "experts_per_rank": experts // ep, "moe_layers": len(moe_layers)}
+    return res
+
+
+def _itemsize(dtype: str) -> int:
+    return int(bytes_per_element(dtype))

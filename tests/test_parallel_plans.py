@@ -1,0 +1,181 @@
+"""CommDebugMode against the tracer, FSDP2 and pipelining traced, and ``predict --tp --pp --dp --ep`` (issue 17).
+
+The small model is gloo_run's 4-layer Llama (hidden 512, 8 heads and 8 KV heads, MLP 1408, vocab
+2048, fp32). By hand: a decoder layer holds 4 x 512^2 + 3 x 512 x 1408 + 2 x 512 = 3,212,288
+parameters; the rest (embedding, LM head, final norm) 2 x 2048 x 512 + 512 = 2,097,664; in all
+14,946,816, 59,787,264 bytes in fp32. Every dim 0 is a multiple of 4, so FSDP2 pads nothing at dp=4.
+"""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from cohw_utils.core.errors import CohwError
+from cohw_utils.core.opclasses import COMMUNICATION
+from cohw_utils.spine.shard import comm_debug_counts, per_rank_table
+from cohw_utils.views import parallel
+
+LAYER, REST = 3_212_288, 2_097_664
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> str:
+    from cohw_utils.studies.parallel.gloo_run import write_config
+
+    return str(write_config(tmp_path_factory.mktemp("small-llama")))
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_tracer_collectives_match_comm_debug_mode(small, tp):
+    t = per_rank_table(small, "prefill", tp=tp, seq_len=16, comm_debug=True)
+    c = comm_debug_counts(t)
+    assert c["match"].all(), c[~c["match"]]
+    layers = c[c["scope"].str.startswith("model.layers.")]
+    # by hand: 2 all-reduces a layer (o_proj, down_proj), 4 layers; 1 all-gather of the logits
+    assert sorted(layers["scope"].unique()) == [f"model.layers.{i}" for i in range(4)]
+    assert set(zip(layers["collective"], layers["traced"])) == {("all_reduce", 2)}
+    total = c[c["scope"] == "total"].set_index("collective")["comm_debug"].to_dict()
+    assert total == {"all_reduce": 8, "all_gather_into_tensor": 1}
+
+
+def test_comm_debug_counts_needs_the_mode(small):
+    with pytest.raises(CohwError, match="comm_debug=True"):
+        comm_debug_counts(per_rank_table(small, "prefill", tp=2, seq_len=8))
+
+
+@pytest.fixture(scope="module")
+def fsdp4(small) -> pd.DataFrame:
+    from cohw_utils.spine.shard_train import fsdp_step_table
+
+    return fsdp_step_table(small, 4, batch=1, seq_len=8)
+
+
+def test_fsdp2_step_all_gathers_and_reduce_scatters(fsdp4):
+    c = parallel.comm_table(fsdp4)
+    assert set(c["group_size"]) == {4}
+    fw = c[(c["kind"] == "all_gather") & fsdp4.loc[fsdp4["op_class"] == COMMUNICATION, "pass"].eq("forward").to_numpy()]
+    # forward: one all-gather per unit (4 layers, then the root), each the unit's fp32 parameters
+    assert sorted(fw["comm_bytes"]) == [4 * REST] + [4 * LAYER] * 4
+    assert fw["comm_bytes"].sum() == 59_787_264
+    # per rank a ring sends (n - 1)/n of the gathered bytes: the parameter bytes x 3/4
+    from cohw_utils.views.collectives import bus_bytes
+    assert sum(bus_bytes("all_gather", b, 4) for b in fw["comm_bytes"]) == pytest.approx(59_787_264 * 3 / 4)
+    bw = c[(c["kind"] == "all_gather") & fsdp4.loc[fsdp4["op_class"] == COMMUNICATION, "pass"].eq("backward").to_numpy()]
+    assert sorted(bw["comm_bytes"]) == [4 * LAYER] * 4     # the layers resharded after forward; the root kept
+    rs = c[c["kind"] == "reduce_scatter"]
+    assert sorted(rs["comm_bytes"]) == [4 * REST] + [4 * LAYER] * 4   # every unit's fp32 gradients, unsharded
+
+
+def test_fsdp_comm_view_matches_the_trace(fsdp4):
+    units = fsdp4.attrs["fsdp"]["units"]
+    assert units["model.layers.0"] == 4 * LAYER and units["<root>"] == 4 * REST
+    model = parallel.fsdp_comm(units, 4)
+    traced = parallel.comm_table(fsdp4).assign(
+        **{"pass": fsdp4.loc[fsdp4["op_class"] == COMMUNICATION, "pass"].to_numpy()})
+    by = ["pass", "kind"]
+    assert traced.groupby(by)["comm_bytes"].sum().to_dict() == model.groupby(by)["comm_bytes"].sum().to_dict()
+    assert model["bus_bytes"].sum() == pytest.approx(3 * 59_787_264 * 3 / 4 - 4 * REST * 3 / 4)
+
+
+def test_fsdp_unit_bytes_pads_dim0():
+    from torch import nn
+
+    from cohw_utils.spine.shard_train import fsdp_unit_bytes
+
+    lin = nn.Linear(6, 10, device="meta")   # weight (10, 6) -> 12 rows at dp=4; bias 10 -> 12
+    assert fsdp_unit_bytes(lin, 4) == (12 * 6 + 12) * 4
+
+
+def test_pipeline_stage_sends_and_receives(small):
+    from cohw_utils.spine.shard_train import pipeline_stage_table
+
+    msg = 1 * 16 * 512 * 4     # microbatch of 1 x 16 tokens x hidden 512, fp32
+    for stage, ops in ((0, ["c10d.send.default"] * 2), (1, ["c10d.recv_.default", "c10d.send.default"] * 2),
+                       (3, ["c10d.recv_.default"] * 2)):
+        t = pipeline_stage_table(small, 4, stage, microbatches=2, batch=2, seq_len=16)
+        comm = t[t["op_class"] == COMMUNICATION]
+        assert list(comm["op"]) == ops
+        assert set(comm["comm_bytes"]) == {msg} and set(comm["group_size"]) == {2}
+        assert t.attrs["pipeline"]["layers"] == 1
+
+
+def test_pipeline_step_and_bubble():
+    assert parallel.pipeline_step_seconds([1.0, 3.0], 1) == (6.0, 0.5)
+    step, bubble = parallel.pipeline_step_seconds([1.0, 2.0, 2.0, 1.0], 5)
+    assert step == 16.0 and bubble == pytest.approx(3 / 8)
+
+
+def test_validate_plan_errors():
+    from types import SimpleNamespace as C
+
+    llama = C(num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32)
+    moe = C(num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32, num_local_experts=8,
+            num_experts_per_tok=2)
+    parallel.validate_plan(llama, tp=8, pp=4, dp=2, batch=4, microbatches=2)
+    for cfg, kw, msg in ((llama, dict(tp=16), "8 KV heads"), (llama, dict(pp=33), "more pipeline stages"),
+                         (llama, dict(dp=2, batch=1), "batch-1 decode cannot be data-parallel"),
+                         (llama, dict(ep=2, batch=2), "no routed experts"), (moe, dict(ep=3, batch=3), "8 routed experts"),
+                         (moe, dict(ep=2, tp=2, batch=2), "tp and ep together"), (moe, dict(ep=4, batch=2), "multiple of dp x ep"),
+                         (llama, dict(pp=2, batch=3, microbatches=2), "must divide"),
+                         (llama, dict(microbatches=2, batch=2), "without a pipeline"), (llama, dict(tp=0), "tp=0")):
+        with pytest.raises(CohwError, match=msg):
+            parallel.validate_plan(cfg, **kw)
+
+
+def test_expert_parallel_table_caps_expert_reads_and_adds_all_to_alls():
+    cols = ["op", "module", "module_class", "phase", "pass", "op_class", "input_shapes", "output_shapes", "dtype",
+            "flops", "flops_effective", "macs", "bytes_read", "bytes_written", "intensity", "costed"]
+    # one MoE layer: 4 token-expert rows (2 tokens x k=2) over 8 experts of 16 x 32 bf16
+    row = ["aten._grouped_mm.default", "model.layers.0.mlp.experts", "", "decode", "forward", "contraction",
+           ((4, 16), (8, 16, 32), (8,)), ((4, 32),), "bfloat16", 2 * 4 * 16 * 32, 2 * 4 * 16 * 32, 4 * 16 * 32,
+           4 * 16 * 2 + 4 * 16 * 32 * 2 + 8 * 4, 4 * 32 * 2, 1.0, True]
+    t = pd.DataFrame([row], columns=cols)
+    out = parallel.expert_parallel_table(t, ep=4, experts=8, top_k=2, tokens=2, hidden=16)
+    assert out.at[0, "bytes_read"] == 4 * 16 * 2 + 2 * 16 * 32 * 2 + 8 * 4   # 8 / 4 = 2 experts on the rank, not 4
+    assert out.at[0, "flops"] == 2 * 4 * 16 * 32
+    a2a = out[out["op_class"] == COMMUNICATION]
+    assert len(a2a) == 2 and set(a2a["comm_bytes"]) == {2 * 2 * 16 * 2} and set(a2a["group_size"]) == {4}
+
+
+def test_plan_with_tp_only_is_the_tp_curve():
+    from cohw_utils.studies.parallel.plans import predict_plan
+    from cohw_utils.studies.parallel.scaling import tp_curve
+
+    kw = dict(batch=2, input_len=16, output_len=8, dtype="bf16")
+    p = predict_plan("llama-2-7b", "A100-80GB", "nvlink3-a100", tp=2, weight_fmt="bf16", **kw)
+    c = tp_curve("llama-2-7b", "A100-80GB", "nvlink3-a100", [2], weight_fmt="bf16", **kw).loc[2]
+    d = p.as_dict()
+    for key in ("TTFT (ms)", "TPOT (ms)", "tokens/s", "decode comm (ms)"):
+        assert d[key] == pytest.approx(c[key], rel=1e-12)
+    assert d["pipeline bubble"] == 0 and d["devices"] == 2
+
+
+def test_predict_command_pipeline_and_data_parallel(capsys):
+    from cohw_utils.cli import EXIT_BAD_INPUT, main
+    from cohw_utils.views.collectives import collective_time
+
+    args = ["predict", "llama-2-7b", "--hardware", "A100-80GB", "--input-len", "16", "--output-len", "8"]
+    assert main(args + ["--tp", "2", "--pp", "2", "--link", "nvlink3-a100", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["devices"] == 4 and d["pipeline bubble"] == pytest.approx(0.5)
+    dec = [s for s in d["stages"] if s["phase"] == "decode"]
+    assert [s["layers"] for s in dec] == [16, 16]
+    assert d["TPOT (ms)"] == pytest.approx(2 * max(s["total (ms)"] for s in dec))   # (1 + 2 - 1) ticks
+    c = {(r["phase"], r["stage"], r["kind"]): r for r in d["collectives"]}
+    ar = c[("decode", 0, "all_reduce")]
+    assert ar["count"] == 32 and ar["bytes each (largest)"] == 4096 * 2          # 16 layers x 2; 1 token x 4096 x bf16
+    assert ar["ms in all"] == pytest.approx(32e3 * collective_time("all_reduce", 8192, 2, "nvlink3-a100"))
+    assert c[("decode", 0, "send_recv")]["bytes each (largest)"] == 8192
+    # dp: two replicas, each at batch 1, double the tokens/s of one at batch 1
+    assert main(args + ["--dp", "2", "--batch", "2", "--json"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert main(args + ["--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert two["tokens/s"] == pytest.approx(2 * one["tokens_per_s"], rel=1e-9) and two["devices"] == 2
+    for bad, msg in ((["--dp", "2"], "batch-1 decode"), (["--ep", "2"], "no routed experts"),
+                     (["--pp", "64", "--link", "nvlink3-a100"], "more pipeline stages"),
+                     (["--pp", "2"], "--link")):
+        assert main(args + bad) == EXIT_BAD_INPUT
+        assert msg in capsys.readouterr().err
