@@ -209,7 +209,7 @@ def fsdp_comm(unit_bytes: dict[str, float], dp: int, *, root: str = "<root>", re
     """FSDP2's collectives of one training step (module docstring): one row per unit, pass and
     kind with ``comm_bytes`` (the message) and ``bus_bytes`` (sent per rank by a ring).
     ``unit_bytes``: each unit's gathered parameter bytes; ``grad_bytes_ratio``: gradient bytes
-    per parameter byte (0.5 for fp32 gradients of bf16 parameters is 2.0, say)."""
+    per parameter byte (2.0 for fp32 gradients reduced from bf16 parameters)."""
     if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
         raise CohwError(f"fsdp_comm(dp={dp!r}): dp must be a whole number of ranks >= 1")
     rows = []
