@@ -9,12 +9,14 @@ values as the cache stores them.
 :func:`kv_format_bytes_per_token` is the bytes one token adds to the cache in each storage
 format; the element bytes come from the package's one KV-cache function,
 :func:`cohw_utils.workloads.kv_cache_bytes_per_token` (``2 * layers * kv_heads * head_dim``
-elements), and int8 adds its 2-byte scale per vector.
+elements), and int8 adds its 2-byte scale per vector; the int4 and fp8 formats of
+:mod:`cohw_utils.studies.quantization.kv_quant` count their packed codes and metadata per vector.
 
 Used by Chapter 4.2b (quantization): the KV-cache section and the scale-up table.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -90,11 +92,18 @@ KV_FORMATS = {"fp32": (4, False), "fp16": (2, False), "bf16": (2, False), "int8"
 def kv_format_bytes_per_token(config, kv: str = "fp16") -> int:
     """KV-cache bytes one token adds in format ``kv``: ``2 * layers * kv_heads * (head_dim * b + s)``
     where ``fp32``: b=4, s=0; ``fp16``/``bf16``: b=2, s=0; ``int8``: b=1 plus a 2-byte fp16 scale
-    per vector. The element bytes are :func:`cohw_utils.workloads.kv_cache_bytes_per_token`'s."""
+    per vector. The element bytes are :func:`cohw_utils.workloads.kv_cache_bytes_per_token`'s.
+    ``int4``, ``int4-g32``, ``fp8-e4m3``: ``2 * layers * kv_heads * bytes_per_vector`` of
+    :class:`cohw_utils.studies.quantization.kv_quant.KVFormat` (int4: ``head_dim / 2`` + 4 bytes per group)."""
+    from cohw_utils.studies.quantization.kv_quant import KV_QUANT_FORMATS
     from cohw_utils.workloads import attention_geometry, kv_cache_bytes_per_token
 
+    if kv in KV_QUANT_FORMATS and kv not in KV_FORMATS:
+        layers, _, kv_heads, head_dim = attention_geometry(config)
+        return math.ceil(2 * layers * kv_heads * KV_QUANT_FORMATS[kv].bytes_per_vector(head_dim))
     if kv not in KV_FORMATS:
-        raise CohwError(f"unknown KV-cache format {kv!r}; use fp32, fp16, bf16 or int8")
+        raise CohwError(f"unknown KV-cache format {kv!r}; use fp32, fp16, bf16, int8, "
+                        f"{', '.join(k for k in KV_QUANT_FORMATS if k not in KV_FORMATS)}")
     b, scaled = KV_FORMATS[kv]
     out = kv_cache_bytes_per_token(config, b)
     if scaled:

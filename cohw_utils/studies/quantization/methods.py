@@ -8,7 +8,11 @@ weight rounded to fp16, computing in fp32), ``rtn-int8[-gG]`` and ``rtn-int4[-gG
 ``H_ii`` order, the "act-order" variant), ``awq-int4[-gG]`` (activation-aware scaling, then
 RTN; :mod:`cohw_utils.studies.quantization.awq`), ``gguf-q8_0`` and ``gguf-q4_0``
 (:mod:`cohw_utils.studies.quantization.gguf_blocks`). Any bit width from 2 to 8 parses
-(``rtn-int3-g128``).
+(``rtn-int3-g128``). Weight *and activation* formats, emulated by fake quantization
+(:mod:`cohw_utils.studies.quantization.activation`): ``w8a8`` (int8 per-channel weights, int8
+per-token dynamic activations), ``smoothquant-w8a8`` (SmoothQuant's scale migration with
+``alpha`` 0.5, then W8A8; needs calibration), ``fp8-e4m3`` and ``fp8-e5m2`` (weights and
+activations in fp8 with per-tensor scales).
 
 What is quantized: the seven linears of every decoder block
 (:data:`cohw_utils.studies.quantization.blocks.LINEAR_NAMES`). Embedding, LM head and norms are
@@ -35,6 +39,8 @@ from torch import nn
 
 from cohw_utils.core.errors import CohwError
 from cohw_utils.spine.analyze import count_parameters
+from cohw_utils.studies.quantization.activation import (FP8Weight, activation_maxima, fp8_per_tensor, smooth_lm,
+                                                        swap_in_act_quant)
 from cohw_utils.studies.quantization.awq import awq_lm
 from cohw_utils.studies.quantization.blocks import block_linears
 from cohw_utils.studies.quantization.gguf_blocks import GGUF_BLOCK, gguf_quantize
@@ -61,19 +67,27 @@ class Method:
     """A parsed method name (see :func:`parse_method`)."""
 
     name: str
-    algo: str               # fp32, fp16, rtn, gptq, awq, gguf
+    algo: str               # fp32, fp16, bf16, rtn, gptq, awq, gguf, w8a8, smoothquant, fp8
     scheme: Scheme | None   # None for fp32/fp16/bf16
     gguf_type: str | None = None
     act_order: bool = False
+    fp8: str | None = None      # e4m3 or e5m2 for the fp8 methods
 
     @property
     def needs_calibration(self) -> bool:
-        return self.algo in ("gptq", "awq")
+        return self.algo in ("gptq", "awq", "smoothquant")
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.algo in ACT_ALGOS
 
 
+#: Methods that quantize activations too (fake-quant emulation), with the activation format of each.
+ACT_ALGOS = {"w8a8": "int8-token", "smoothquant": "int8-token", "fp8": None}
+ACT_METHODS = ("w8a8", "smoothquant-w8a8", "fp8-e4m3", "fp8-e5m2")
 _METHOD_RE = re.compile(r"(rtn|gptq|awq)-int(\d)(?:-g(\d+))?(-act)?")
 METHOD_EXAMPLES = ("fp32", "bf16", "fp16", "rtn-int8", "rtn-int4-g128", "gptq-int4-g128", "awq-int4-g128",
-                   "gguf-q8_0", "gguf-q4_0")
+                   "gguf-q8_0", "gguf-q4_0", *ACT_METHODS)
 
 
 def parse_method(name: str) -> Method:
@@ -81,6 +95,10 @@ def parse_method(name: str) -> Method:
     key = str(name).strip().lower()
     if key in ("fp32", "fp16", "bf16"):
         return Method(key, key, None)
+    if key in ("w8a8", "smoothquant-w8a8"):
+        return Method(key, key.split("-")[0], scheme(8))
+    if key in ("fp8-e4m3", "fp8-e5m2"):
+        return Method(key, "fp8", None, fp8=key.split("-")[1])
     if key in ("gguf-q8_0", "gguf-q4_0"):
         t = key.split("-")[1].upper()
         return Method(key, "gguf", Scheme(8 if t == "Q8_0" else 4, GGUF_BLOCK, True), t)
@@ -103,7 +121,7 @@ class QuantizedLM:
 
     method: Method
     model: nn.Module
-    weights: dict[str, QTensor]
+    weights: dict[str, QTensor | FP8Weight]
     info: dict[str, Any] = field(default_factory=dict)
 
     def linear_params(self) -> int:
@@ -129,6 +147,8 @@ class QuantizedLM:
         model and how many layers each kernel got. Unquantized methods return a plain copy
         (fp16 runs in fp32 on this CPU, with fp16-valued weights)."""
         m = copy.deepcopy(self.model)
+        if self.method.quantizes_activations:
+            return m, {f"fake-quant {self.method.name} (fp32 compute, emulation)": len(block_linears(m))}
         if not self.weights:
             how = "bf16 compute" if self.method.algo == "bf16" else "fp32 compute"
             return m, {f"F.linear ({self.method.algo} weights, {how})": len(block_linears(m))}
@@ -146,7 +166,7 @@ def quantize_lm(model: nn.Module, method: str | Method, calib: torch.Tensor | No
 
     ``calib``: LongTensor (n, seq) of token windows, required by ``gptq-*`` and ``awq-*``;
     ``options`` go to the algorithm (GPTQ: ``blocksize``, ``percdamp``, ``act_order``; AWQ:
-    ``n_grid``). The input model is not modified."""
+    ``n_grid``; SmoothQuant: ``alpha``, default 0.5). The input model is not modified."""
     meth = parse_method(method) if isinstance(method, str) else method
     if meth.needs_calibration and calib is None:
         raise CohwError(f"method {meth.name} needs calibration data: pass calib=(n, seq) token ids")
@@ -159,8 +179,10 @@ def quantize_lm(model: nn.Module, method: str | Method, calib: torch.Tensor | No
         return QuantizedLM(meth, m, {})
     if meth.algo == "bf16":
         return QuantizedLM(meth, m.to(torch.bfloat16), {})
-    weights: dict[str, QTensor] = {}
+    weights: dict[str, Any] = {}
     info: dict[str, Any] = {}
+    if meth.quantizes_activations:
+        return _quantize_activations(m, meth, calib, batch, **options)
     if meth.algo == "awq":  # fold the scales first, so the kept tensors are rounded after folding
         info = awq_lm(m, calib, meth.scheme, batch=batch, **options)
     _round_rest_to_fp16(m, {f"{n}.weight" for n in lin_names})
@@ -182,6 +204,29 @@ def quantize_lm(model: nn.Module, method: str | Method, calib: torch.Tensor | No
             weights[name] = q
             with torch.no_grad():
                 lin.weight.copy_(q.dequantize())
+    return QuantizedLM(meth, m, weights, info)
+
+
+def _quantize_activations(m: nn.Module, meth: Method, calib: torch.Tensor | None, batch: int,
+                          alpha: float = 0.5) -> QuantizedLM:
+    """W8A8 / SmoothQuant / FP8 on the fp32 copy ``m`` (see :mod:`~cohw_utils.studies.quantization.activation`)."""
+    info: dict[str, Any] = {}
+    if meth.algo == "smoothquant":   # maxima of the unquantized model, then fold s before any rounding
+        info["act_max"] = activation_maxima(m, calib, batch=batch)
+        info["smooth_scale"] = smooth_lm(m, info["act_max"], alpha)
+        info["alpha"] = alpha
+    lins = block_linears(m)
+    _round_rest_to_fp16(m, {f"{n}.weight" for n in lins})
+    weights: dict[str, Any] = {}
+    for name, lin in lins.items():
+        if meth.algo == "fp8":
+            codes, s = fp8_per_tensor(lin.weight.detach(), meth.fp8)
+            weights[name] = FP8Weight(codes, s, meth.fp8)
+        else:
+            weights[name] = quantize_rtn(lin.weight, meth.scheme)
+        with torch.no_grad():
+            lin.weight.copy_(weights[name].dequantize())
+    swap_in_act_quant(m, ACT_ALGOS[meth.algo] or f"fp8-{meth.fp8}")
     return QuantizedLM(meth, m, weights, info)
 
 

@@ -11,11 +11,15 @@
 * :func:`weight_kurtosis`: how heavy-tailed each block linear's weights are (a Gaussian has 3).
 * :func:`quant_sensitivity` / :func:`fig_sensitivity`: the perplexity change when one block
   linear at a time is quantized.
+* :func:`weight_bit_floor`: the narrowest weight-only format of a method table whose perplexity
+  increase stays within a tolerance at the upper end of its 95% interval (Chapter 5's LLM
+  weight-bit floor, written by ``benchmarks/bench_quant.py --write-floors``).
 
 Units: perplexity changes in percent, ``100 (exp(mean NLL difference) - 1)``; bytes as stored;
 speeds in tokens/s and GB/s (1e9 bytes/s).
 
-Used by Chapter 4.2b (quantization), sections 4.2b.3 and 4.2b.5.
+Used by Chapter 4.2b (quantization), sections 4.2b.3 and 4.2b.5, and (through the floors file)
+Chapter 5.
 """
 from __future__ import annotations
 
@@ -209,3 +213,37 @@ def weight_kurtosis(model: nn.Module) -> pd.Series:
         w = m.weight.detach()
         out[name] = float(((w - w.mean()) ** 4).mean() / w.var() ** 2)
     return pd.Series(out, name="kurtosis")
+
+
+# ------------------------------------------------------------------------------------ bit floor
+def weight_bit_floor(table: pd.DataFrame, tolerance_pct: float = 1.0) -> dict[str, Any]:
+    """The narrowest *weight-only* method of ``table`` (:func:`evaluate_methods`' columns, first
+    row the fp32 reference) whose perplexity increase is at most ``tolerance_pct`` percent at the
+    **upper end of its 95% interval** (``delta_pct_hi <= tolerance_pct``): a format that passes
+    is, with 95% confidence, within the tolerance. Narrowest = fewest stored bits per weight
+    (scales included). Methods that quantize activations are left out. Returns method, bits
+    (the format's code bits: 16 for bf16/fp16, 32 for fp32), bits_per_weight, delta_pct,
+    delta_pct_hi, tolerance_pct, the methods that passed, the narrowest method measured
+    (``narrowest_tested``) and ``bounded_by_table`` (True when the floor *is* the narrowest
+    method measured: the true floor may be lower, no narrower format was tried). Raises :class:`CohwError` when no
+    weight-only method is in the table."""
+    if not 0 <= tolerance_pct < 100:
+        raise CohwError(f"tolerance_pct must be a percentage in [0, 100), got {tolerance_pct}")
+    rows = []
+    for r in table.itertuples(index=False):
+        meth = parse_method(r.method)
+        if meth.quantizes_activations:
+            continue
+        bits = meth.scheme.bits if meth.scheme is not None else {"fp32": 32}.get(meth.algo, 16)
+        rows.append((r.bits_per_weight, r.method, bits, r.delta_pct, r.delta_pct_hi))
+    if not rows:
+        raise CohwError("no weight-only method in the table; evaluate e.g. fp32, rtn-int8, gptq-int4-g128 first")
+    passed = sorted((r for r in rows if r[4] <= tolerance_pct), key=lambda r: (r[0], r[4]))  # ties: tighter bound
+    if not passed:
+        raise CohwError(f"no method's perplexity increase is within {tolerance_pct}% (upper 95% bound); "
+                        "include fp32 or a wider format in the table")
+    bpw, method, bits, d, hi = passed[0]
+    return {"method": method, "bits": int(bits), "bits_per_weight": float(bpw), "delta_pct": float(d),
+            "delta_pct_hi": float(hi), "tolerance_pct": float(tolerance_pct),
+            "passed": [r[1] for r in passed], "narrowest_tested": min(rows)[1],
+            "bounded_by_table": bool(bpw <= min(rows)[0])}
