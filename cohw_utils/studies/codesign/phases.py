@@ -11,8 +11,8 @@ plus its KV cache (KV bytes per token x tokens x batch), in bytes.
 Weight formats
 --------------
 With ``quantize=True`` a phase's weights are stored in the narrowest format both the design
-reads natively and the workload's domain tolerates (:data:`WEIGHT_BITS_FLOOR`, stated
-assumptions), as :meth:`cohw_utils.views.energy_model.OpRoles.quantized` transforms them (weight-only: the
+reads natively and the workload's domain tolerates (:data:`WEIGHT_BITS_FLOOR`; where each
+floor comes from is :data:`WEIGHT_BITS_FLOOR_SOURCE`), as :meth:`cohw_utils.views.energy_model.OpRoles.quantized` transforms them (weight-only: the
 MACs stay in the phase's dtype): :meth:`PreparedPhase.variant_for` names the variant
 (``native``, ``int8`` or ``int4``). ``quantize=False`` runs the op table as traced.
 
@@ -23,7 +23,9 @@ Used by Chapter 5 (the co-design loop).
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,16 +34,55 @@ import pandas as pd
 from cohw_utils.views import energy_model as energy
 from cohw_utils.views import roofline
 from cohw_utils import workloads
+from cohw_utils.core.data import DATA_DIR
 from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import DTYPES, dtype_key
 
-__all__ = ["WEIGHT_BITS_FLOOR", "CLASSES", "peak_key", "PreparedPhase", "prepare"]
+__all__ = ["WEIGHT_BITS_FLOOR", "WEIGHT_BITS_FLOOR_SOURCE", "CITED_WEIGHT_BITS_FLOOR", "MEASURED_FLOORS_FILE",
+           "measured_weight_floor", "CLASSES", "peak_key", "PreparedPhase", "prepare"]
 
-#: Narrowest weight format (bits) each domain is assumed to tolerate without a visible quality
-#: loss, with post-training quantization. LLMs: 4-bit weights (GPTQ, AWQ); diffusion and vision:
-#: 8-bit (4-bit diffusion weights need calibration schemes beyond plain PTQ); NeRF and the
-#: text-to-3D training step: unquantized (trained in fp32/fp16 with gradients flowing through).
-WEIGHT_BITS_FLOOR: dict[str, int] = {"llm": 4, "diffusion": 8, "vision": 8, "nerf": 32, "text-to-3d": 16}
+#: Cited assumptions: the narrowest weight format (bits) each domain tolerates without a visible
+#: quality loss, with post-training quantization. LLMs: 4-bit weights (GPTQ, AWQ); diffusion and
+#: vision: 8-bit (4-bit diffusion weights need calibration schemes beyond plain PTQ); NeRF and
+#: the text-to-3D training step: unquantized (trained in fp32/fp16 with gradients flowing through).
+CITED_WEIGHT_BITS_FLOOR: dict[str, int] = {"llm": 4, "diffusion": 8, "vision": 8, "nerf": 32, "text-to-3d": 16}
+#: The measured floors, written by ``benchmarks/bench_quant.py --write-floors`` (Chapter 4.2b's model).
+MEASURED_FLOORS_FILE = DATA_DIR / "measured_bit_floors.json"
+
+
+def measured_weight_floor(path=None) -> dict[str, Any] | None:
+    """The measured LLM weight-bit floor record (``llm``: method, bits, bits_per_weight,
+    delta_pct_hi, tolerance_pct; and machine, date, training_steps), or None when the file is
+    absent. A file without an integer ``llm.bits`` raises :class:`CohwError` naming the fix."""
+    p = Path(path) if path is not None else MEASURED_FLOORS_FILE
+    if not p.exists():
+        return None
+    rec = json.loads(p.read_text())
+    bits = rec.get("llm", {}).get("bits")
+    if not isinstance(bits, int) or not 2 <= bits <= 32:
+        raise CohwError(f"{p.name}: 'llm.bits' must be an integer from 2 to 32, got {bits!r}; "
+                        "rewrite it with python benchmarks/bench_quant.py --write-floors")
+    return rec
+
+
+def _floors() -> tuple[dict[str, int], dict[str, str]]:
+    floors = dict(CITED_WEIGHT_BITS_FLOOR)
+    source = {d: "cited assumption (CITED_WEIGHT_BITS_FLOOR)" for d in floors}
+    rec = measured_weight_floor()
+    if rec is not None:
+        llm = rec["llm"]
+        floors["llm"] = llm["bits"]
+        source["llm"] = (f"measured: {llm['method']} is the narrowest weight format within {llm['tolerance_pct']:g}% "
+                         f"perplexity (upper 95% bound {llm['delta_pct_hi']:+.2f}%) on Chapter 4.2b's model, "
+                         f"{rec['training_steps']} training steps, {rec['machine']}, {rec['date'][:10]}")
+    return floors, source
+
+
+#: Narrowest weight format (bits) each domain tolerates, used by :meth:`PreparedPhase.variant_for`:
+#: the LLM floor **measured** in Chapter 4.2b when :data:`MEASURED_FLOORS_FILE` exists (else the
+#: cited 4), every other domain's **cited** (:data:`CITED_WEIGHT_BITS_FLOOR`).
+#: :data:`WEIGHT_BITS_FLOOR_SOURCE` says which, per domain.
+WEIGHT_BITS_FLOOR, WEIGHT_BITS_FLOOR_SOURCE = _floors()
 
 
 class _KeyOf:
