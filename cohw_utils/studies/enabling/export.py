@@ -20,12 +20,15 @@ Pipeline of :func:`convert`, one phase at a time:
    "decompose the op" dirty fix: :func:`fix`). A crash inside the exporter's ONNX optimizer
    (rather than in lowering an op) is recorded and the conversion retried with ``optimize=False``.
 4. **onnxruntime session** on ``CPUExecutionProvider`` (threads = torch's thread count).
-5. **Parity** on fresh inputs (:mod:`.parity`: max-norm error within the dtype's tolerance).
+5. **Parity** against eager PyTorch on the export example's inputs (:mod:`.parity`: max-norm
+   error within the dtype's tolerance); :mod:`.evidence` adds inputs of another seed and a
+   second size on every dynamic axis.
 
 A failing stage does not raise: :func:`cohw_utils.studies.enabling.failures.classify_failure`
 files the exception under a failure class, and the :class:`Conversion` says which stage
-stopped. Training phases (``Phase.backward``) call ``loss.backward()``, which an inference graph
-capture cannot represent; their failures are classed ``autograd (training step)``.
+stopped, classed from the exception's message alone. Training phases (``Phase.backward``) call
+``loss.backward()`` inside the capture; :mod:`.training` then tries the path that could hold
+them (a joint forward+backward graph) and reports what broke there.
 
 Used by Chapter 3 (SW enabling): the conversion and parity tables, and every later section
 (latency, dirty fixes, the gap report) starts from a :class:`Conversion`.
@@ -261,7 +264,7 @@ def convert(workload: str, phase: str, dtype: str = "fp32", *, dynamic: bool = T
         conv.fix = "decompose " + ", ".join(str(k).removeprefix("aten.") for k in decompositions)
 
     def fail(stage: str, exc: BaseException) -> Conversion:
-        conv.failure = classify_failure(exc, stage, ph.backward)
+        conv.failure = classify_failure(exc, stage)
         conv.failures.append(conv.failure)
         conv.status = "failed"
         return conv
@@ -285,7 +288,7 @@ def convert(workload: str, phase: str, dtype: str = "fp32", *, dynamic: bool = T
                                              f"export specialized the {conv.axis} axis to its example size",
                                              "", ""))
         except Exception as e:  # noqa: BLE001 - every failure is a finding
-            f = classify_failure(e, "torch.export (dynamic)", ph.backward)
+            f = classify_failure(e, "torch.export (dynamic)")
             conv.failures.append(f)
             conv.dynamic = f"failed ({f.klass})"
             args, kwargs = ph.make_inputs()  # the failed capture may have consumed them
@@ -320,7 +323,7 @@ def _finish(conv: Conversion, decompositions: dict | None = None) -> Conversion:
     ph = conv.phase_obj
 
     def fail(stage: str, exc: BaseException) -> Conversion:
-        conv.failure = classify_failure(exc, stage, ph.backward)
+        conv.failure = classify_failure(exc, stage)
         conv.failures.append(conv.failure)
         conv.status = "failed"
         return conv
@@ -329,7 +332,7 @@ def _finish(conv: Conversion, decompositions: dict | None = None) -> Conversion:
     try:
         proto = _to_onnx(conv.exported, decompositions)
     except Exception as e:  # noqa: BLE001
-        f = classify_failure(e, "onnx conversion", ph.backward)
+        f = classify_failure(e, "onnx conversion")
         if f.klass == UNSUPPORTED_OP:
             conv.onnx_s = time.perf_counter() - t0
             return fail("onnx conversion", e)
@@ -403,8 +406,7 @@ NOT_IN_DEFAULT_PLAN: dict[str, str] = {
 def plan(names: Iterable[str] | None = None, dtypes: Iterable[str] = ("fp32",)) -> list[tuple[str, str, str]]:
     """``(workload, phase, dtype)`` for every phase of ``names`` (default: the registry, less
     :data:`NOT_IN_DEFAULT_PLAN`) in every dtype; fp32 only for the float32-only NeRF and
-    splatting workloads and for training phases (whose export fails before dtype matters).
-    Unknown names and dtypes raise CohwError."""
+    splatting workloads. Unknown names and dtypes raise CohwError."""
     dts = [dtype_name(d) for d in dtypes]
     bad = [d for d in dts if d not in TOLERANCES]
     if bad:

@@ -5,9 +5,14 @@ raise: :func:`classify_failure` files the exception under one of :data:`FAILURE_
 key line, and the :class:`Failure` records the stage that stopped. The classes, most specific
 first: *custom kernel* (an op of a non-aten library with no fake/meta kernel or lowering),
 *data-dependent control flow* (a branch on a tensor's value), *dynamic shapes* (an axis marked
-dynamic that the code specialises), *unsupported op* (an op with no ONNX lowering or no runtime
-kernel for its types), *autograd (training step)* (a captured phase that calls
-``loss.backward()``, which an inference graph capture cannot represent) and *other*.
+dynamic that the code specialises), *autograd (training step)* (autograd's own errors, or the
+exporter finding tensors created outside its graph among the constants, which is what a
+``loss.backward()`` inside a capture leaves: fake gradient tensors), *unsupported op* (an op
+with no ONNX lowering or no runtime kernel for its types) and *other*.
+
+The class is read from the exception's message chain alone, never from what the caller knows
+about the phase: a training step that fails on a data-dependent branch is filed
+*data-dependent*, and one whose message matches nothing is *other*.
 
 Used by Chapter 3 (SW enabling) and its gap report (:mod:`.gap_report`).
 """
@@ -26,6 +31,11 @@ DYNAMIC_SHAPES = "dynamic shapes"
 CUSTOM_KERNEL = "custom kernel"
 OTHER = "other"
 FAILURE_CLASSES = (UNSUPPORTED_OP, DATA_DEPENDENT, DYNAMIC_SHAPES, CUSTOM_KERNEL, AUTOGRAD, OTHER)
+
+# torch.export's message when a tensor made outside the traced graph became a constant of it:
+# the fake gradients that a loss.backward() inside the capture writes to every parameter's .grad.
+_LEAKED = r"fake tensor in the exported program constant"
+
 
 
 @dataclass(frozen=True)
@@ -49,15 +59,17 @@ _RULES: list[tuple[str, re.Pattern]] = [
                                 r"nonzero|Could not extract specialized integer", re.I)),
     (DYNAMIC_SHAPES, re.compile(r"Constraints violated|ConstraintViolation|specializ|dynamic_shapes|"
                                 r"Dim\.(DYNAMIC|AUTO)|symbolic shape", re.I)),
+    (AUTOGRAD, re.compile(_LEAKED + r"|does not require grad and does not have a grad_fn|"
+                          r"backward through the graph a second time|autograd|\.backward\(", re.I)),
     (UNSUPPORTED_OP, re.compile(r"No ONNX function found|Could not find an implementation|NOT_IMPLEMENTED|"
                                 r"Unsupported|not supported|Type Error: Type|is invalid|"
                                 r"no (kernel|implementation|decomposition)", re.I)),
 ]
-_KEY = re.compile(r"No ONNX function found[^\n]*|Could not find an implementation[^\n]*|Type Error:[^\n]*|"
+_KEY = re.compile(_LEAKED + r"[^\n]*|element 0 of tensors[^\n]*|No ONNX function found[^\n]*|Could not find an implementation[^\n]*|Type Error:[^\n]*|"
                   r"Constraints violated[^\n]*|specialized[^\n]*|Could not guard on data-dependent[^\n]*|"
-                  r"GuardOnDataDependent[^\n]*|fake tensor in the exported program[^\n]*|"
+                  r"GuardOnDataDependent[^\n]*|no fake impl[^\n]*|"
                   r"Unsupported[^\n]*|not supported[^\n]*", re.I)
-_OP = [re.compile(r"op='([\w.]+)', overload='(\w+)'"), re.compile(r"implementation for (\w+)\(\d+\)"),
+_OP = [re.compile(r"op='([\w.]+)', overload='(\w+)'"), re.compile(r"UnsupportedOperatorException: ([\w.]+)"), re.compile(r"implementation for (\w+)\(\d+\)"),
        re.compile(r"of operator \((\w+)\)"), re.compile(r"target=torch\.ops\.([\w.]+)")]
 
 
@@ -70,25 +82,17 @@ def _messages(exc: BaseException) -> list[str]:
     return out
 
 
-def classify_failure(exc: BaseException, stage: str, backward: bool = False) -> Failure:
-    """File an exception from ``stage`` under one of :data:`FAILURE_CLASSES`.
+def classify_failure(exc: BaseException, stage: str) -> Failure:
+    """File an exception from ``stage`` under one of :data:`FAILURE_CLASSES`, from its message.
 
-    A capture of a phase that runs ``loss.backward()`` (``backward=True``) at the export stage
-    is ``autograd (training step)`` whatever the message (the backward runs on fake tensors
-    and leaks them into the graph's constants). Otherwise the message chain is matched against
-    patterns, most specific first (custom kernel, data-dependent, dynamic shapes, unsupported
-    op); no match is ``other``. ``key_line`` is the most telling line (<= 220 characters).
+    The message chain (the exception, its ``__cause__`` and ``__context__``) is matched against
+    patterns, most specific first (custom kernel, data-dependent, dynamic shapes, autograd,
+    unsupported op); no match is ``other``. ``key_line`` is the most telling line (<= 220
+    characters), ``op`` the operator the message names, if any.
     """
     msgs = _messages(exc)
     text = "\n".join(msgs)
-    klass = OTHER
-    if backward and stage.startswith("torch.export"):
-        klass = AUTOGRAD
-    else:
-        for name, pat in _RULES:
-            if pat.search(text):
-                klass = name
-                break
+    klass = next((name for name, pat in _RULES if pat.search(text)), OTHER)
     m = _KEY.search(text)
     if m:
         key = m.group(0)

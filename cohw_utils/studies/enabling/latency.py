@@ -96,7 +96,7 @@ def latency(conv: Conversion, backends: Iterable[str] = ("eager", "compile", "on
                                       device, torch_setup)
                 rows.append(row("compile", t, first))
             except Exception as e:  # noqa: BLE001
-                rows.append(row("compile", None, math.nan, classify_failure(e, "torch.compile", ph.backward)))
+                rows.append(row("compile", None, math.nan, classify_failure(e, "torch.compile")))
         elif backend == "onnxruntime":
             if conv.session is None:
                 rows.append(row("onnxruntime", None, math.nan, conv.failure))

@@ -10,7 +10,9 @@ otherwise-eager phase, else its children are tried.
 The shares on the target are measured, not estimated: FLOPs and bytes from tracing the hybrid
 run (onnxruntime work is invisible to the tracer, so target share = 1 - PyTorch share), time
 from timers around each onnxruntime call (sessions created without thread spinning, so that
-idle onnxruntime workers do not steal the cores PyTorch runs on). Shares are fractions 0..1
+idle onnxruntime workers do not steal the cores PyTorch runs on). Parity compares the hybrid
+run with eager PyTorch; when nothing was offloaded there is no hybrid run and no parity is
+claimed (:data:`NOTHING_OFFLOADED`). Shares are fractions 0..1
 (percentages in :func:`offload_table`), times in milliseconds in the table.
 
 Used by Chapter 3 (SW enabling), section "dirty fixes: offload".
@@ -38,7 +40,9 @@ from cohw_utils.studies.enabling.failures import classify_failure
 from cohw_utils.studies.enabling.flatten import PhaseModule, _interface, flatten
 from cohw_utils.studies.enabling.parity import TOLERANCES, Parity, _compare
 
-__all__ = ["Offload", "offload", "offload_table"]
+__all__ = ["Offload", "offload", "offload_table", "NOTHING_OFFLOADED"]
+
+NOTHING_OFFLOADED = "nothing offloaded: the phase stays in PyTorch (no parity claimed)"
 
 
 @dataclass
@@ -105,7 +109,10 @@ class _OrtShim:
 
 @dataclass
 class Offload:
-    """A phase run with some modules on the target (onnxruntime) and the rest in PyTorch."""
+    """A phase run with some modules on the target (onnxruntime) and the rest in PyTorch.
+
+    When nothing converts (``on_target`` empty), ``parity`` and ``timing`` are None: the run
+    would be the eager run compared with itself, which proves nothing."""
 
     workload: str
     phase: str
@@ -211,10 +218,9 @@ def offload(workload: str, phase: str, dtype: str = "fp32", *, max_depth: int = 
     state: dict[str, Any] = {}
     eager = time_callable(lambda: ph.run(*state["in"][0], **state["in"][1]), repeats, warmup, "cpu",
                           lambda: state.__setitem__("in", ph.make_inputs()))
-    if not on_target:  # nothing moved: the hybrid run is the eager run
-        return Offload(built.workload.name, phase, "nothing offloadable: the phase stays in PyTorch", [], kept,
-                       0.0, 0.0, 0.0, _compare([g.numpy() for g in reference], reference,
-                                               TOLERANCES[dtype_name(dtype)]), eager, eager, exports)
+    if not on_target:  # nothing moved: there is no second runtime's output to compare, so no parity
+        return Offload(built.workload.name, phase, NOTHING_OFFLOADED, [], kept,
+                       0.0, 0.0, 0.0, None, None, eager, exports)
     # the hybrid run: shims in place of the offloaded modules' forward
     for path, shim in on_target.items():
         named[path].forward = shim
@@ -253,7 +259,7 @@ def offload_table(results: Iterable[Offload]) -> pd.DataFrame:
             "kept_in_pytorch": "; ".join(f"{p} ({r})" for p, r in o.kept[:4]) + (" ..." if len(o.kept) > 4 else ""),
             "flops_on_target_%": 100 * o.flops_share, "bytes_on_target_%": 100 * o.bytes_share,
             "time_on_target_%": 100 * o.time_share,
-            "parity": ("pass" if o.parity.passed else "FAIL") if o.parity else "",
+            "parity": ("pass" if o.parity.passed else "FAIL") if o.parity else "n/a (nothing offloaded)",
             "max_abs_err": o.parity.max_abs if o.parity else math.nan,
             "hybrid_ms": o.timing.median * 1e3 if o.timing else math.nan,
             "eager_ms": o.eager.median * 1e3 if o.eager else math.nan,
