@@ -10,4 +10,7 @@ SW gap list.
 - :mod:`.latency`: eager vs ``torch.compile`` vs onnxruntime, and the latency tables.
 - :mod:`.offload`: run what the target can of a phase, the rest in PyTorch.
 - :mod:`.gap_report`: what the target stack lacks per phase and the share of work each gap blocks.
+- :mod:`.training`: a training step tried as a joint forward+backward graph on the runtime.
+- :mod:`.gptq_probe`: the package's GPTQ repacked as onnxruntime's MatMulNBits, with parity.
+- :mod:`.evidence`: parity on another seed and a second size; a mid-size export with external data.
 """

@@ -5,7 +5,9 @@ Three sources of evidence, combined per (workload, phase, dtype):
 
 1. **The conversion itself** (:mod:`cohw_utils.studies.enabling.export`): the stage that stopped it and its
    classified failure (an aten op with no ONNX lowering, a training step, a dynamic axis that
-   export specialised, an exporter crash).
+   export specialised, an exporter crash); for a training step, what broke on the path that
+   could hold it, a joint forward+backward graph (:mod:`cohw_utils.studies.enabling.training`),
+   or that it ran there.
 2. **The exported ONNX graph, on the runtime**: :func:`node_support` builds a one-node model
    for every distinct (domain, op type, input types) in the graph and asks onnxruntime's CPU
    provider for a session; a node type it rejects is a runtime gap. Each node is traced back
@@ -26,7 +28,8 @@ aten ops that dispatch to other ops in eager execution (``linear`` -> ``addmm``/
 Quantization: ``data/runtime_formats.csv`` lists the weight/activation formats with the
 operators onnxruntime uses for them and sources; :func:`validate_formats` verifies each row on
 the installed onnxruntime CPU provider with a small MatMul model (64x32 weights) quantized
-by onnxruntime's own tools, and reports whether it runs and its max-norm relative error
+by onnxruntime's own tools (for the GPTQ row: by the package's GPTQ, repacked into MatMulNBits,
+:mod:`cohw_utils.studies.enabling.gptq_probe`), and reports whether it runs and its max-norm relative error
 against fp32. Formats relevant to a workload's domain that do not run (or have no loader)
 become requirement rows.
 
@@ -58,6 +61,7 @@ from cohw_utils.studies.enabling.failures import (AUTOGRAD, CUSTOM_KERNEL, DATA_
                                                   UNSUPPORTED_OP, classify_failure)
 from cohw_utils.studies.enabling.flatten import _interface, flatten
 from cohw_utils.studies.enabling.parity import _run_reference
+from cohw_utils.studies.enabling.training import TrainingAttempt, training_requirements
 from cohw_utils.views.target_coverage import Target, load_target, missing_ops, op_packet
 
 DATA = DATA_DIR
@@ -341,6 +345,23 @@ def _fp8_weights(_model):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
 
 
+def _gptq_weights(_model):
+    """The probe's 64x32 weights quantized by the package's GPTQ (int4, groups of 32, calibrated
+    on the probe's input distribution) and repacked as MatMulNBits with float zero points and
+    g_idx (:mod:`cohw_utils.studies.enabling.gptq_probe`: the repack that matches on this runtime)."""
+    from cohw_utils.studies.enabling.gptq_probe import matmulnbits_model, pack_matmulnbits
+    from cohw_utils.studies.quantization.gptq import gptq_quantize
+    from cohw_utils.studies.quantization.schemes import Scheme
+
+    w = torch.from_numpy(_RNG_W.T.copy())                       # (out 32, in 64)
+    calib = torch.from_numpy(np.random.default_rng(9).standard_normal((256, 64)).astype(np.float32)).double()
+    q = gptq_quantize(w, calib.T @ calib / calib.shape[0], Scheme(4, group_size=32)).qtensor
+    packed = {**pack_matmulnbits(q, 32), "zero_float": q.zero.numpy().astype(np.float32)}
+    model = matmulnbits_model(64, 32, 32, packed, zero_points="float", g_idx="initializer")
+    model.graph.input[0].name, model.graph.node[0].input[0] = "X", "X"
+    return model
+
+
 def _probes() -> dict[str, tuple[int, Callable]]:
     from onnx import TensorProto as TP
 
@@ -356,6 +377,7 @@ def _probes() -> dict[str, tuple[int, Callable]]:
         "matmulnbits_int4": (18, _probe_nbits(4)),
         "matmulnbits_int8": (18, _probe_nbits(8)),
         "int4_qdq": (21, _probe_static("QDQ", "QInt4", "QUInt16")),
+        "gptq_matmulnbits": (18, _gptq_weights),
     }
 
 
@@ -460,8 +482,9 @@ _FIX = {
 
 
 def requirements(conv: Conversion, table: pd.DataFrame | None, target: Any = None,
-                 provider: str = "CPUExecutionProvider") -> list[dict]:
-    """The requirement rows of one conversion (see :func:`gap_report`)."""
+                 provider: str = "CPUExecutionProvider", attempt: TrainingAttempt | None = None) -> list[dict]:
+    """The requirement rows of one conversion (see :func:`gap_report`); ``attempt``: the
+    phase's :func:`~cohw_utils.studies.enabling.training.try_training` result, for a training phase."""
     rows: list[dict] = []
     base = {"workload": conv.workload, "phase": conv.phase, "dtype": conv.dtype}
 
@@ -490,19 +513,13 @@ def requirements(conv: Conversion, table: pd.DataFrame | None, target: Any = Non
                _FIX[f.klass])
     elif f is not None:
         kind = "training" if f.klass == AUTOGRAD else "conversion"
-        what = ("autograd: the step runs loss.backward(); an inference graph capture cannot hold it"
+        what = ("autograd: the inference capture cannot hold the step's loss.backward()"
                 if f.klass == AUTOGRAD else f"{f.klass} at {f.stage}" + (f" ({f.op})" if f.op else ""))
-        add(kind, what, f.op if f.op.startswith("aten.") else "", 1.0, 1.0, "conversion", f.key_line, _FIX[f.klass])
-    if conv.backward and table is not None:
-        bw = table[(table["pass"] == "backward") & table["costed"]]
-        tot = table[table["costed"]]
-        fb = float(bw["flops"].sum()) / float(tot["flops"].sum()) if float(tot["flops"].sum()) else 0.0
-        bb = float((bw["bytes_read"] + bw["bytes_written"]).sum()) / float((tot["bytes_read"] + tot["bytes_written"]).sum())
-        if not any(r["kind"] == "training" for r in rows):
-            add("training", "autograd: the step runs loss.backward()", "", 1.0, 1.0, "workload phase",
-                "Phase.backward=True", _FIX[AUTOGRAD])
-        add("training", "backward pass kernels (gradients of every op in the step)", "", fb, bb, "op table",
-            f"{int(len(bw))} backward ops", "training runtime")
+        held = kind == "training" and attempt is not None and attempt.runs  # the joint-graph path holds it
+        add(kind, what, f.op if f.op.startswith("aten.") else "", 0.0 if held else 1.0, 0.0 if held else 1.0,
+            "conversion", f.key_line, "train through the joint graph (training.try_training)" if held else _FIX[f.klass])
+    if conv.backward:
+        rows += [{**base, **r} for r in training_requirements(attempt, table)]
     for ff in conv.failures:
         if ff.stage == "torch.export (dynamic)":
             add("dynamic shapes", f"{conv.axis} axis: {ff.klass}", "", math.nan, math.nan, "conversion",
@@ -517,7 +534,9 @@ def requirements(conv: Conversion, table: pd.DataFrame | None, target: Any = Non
         if target is not None:
             decomposable = {op_packet(str(k)) for k in DECOMPOSITIONS}
             for _, r in missing_ops(table, target).iterrows():
-                if "backward" in r["op"] or r["passes"] == "backward":
+                if ("backward" in r["op"] or r["passes"] == "backward") and attempt is not None and attempt.runs:
+                    fix = "lowered by the joint graph's core-ATen decomposition (training.try_training)"
+                elif "backward" in r["op"] or r["passes"] == "backward":
                     fix = _FIX[AUTOGRAD]
                 elif r["op"] in decomposable:
                     fix = "decompose (decompose.DECOMPOSITIONS)"
@@ -537,19 +556,24 @@ def _format_rows(names: Iterable[str], formats: pd.DataFrame, provider: str) -> 
     for name in names:
         domain = workloads.get_workload(name).domain
         for _, r in formats.iterrows():
-            if domain not in r["domains"].split(";") or r.get("runs_here", "") == "yes":
+            runs = r.get("runs_here", "no probe")
+            repack = "repack" in r["onnx_ops"]   # a checkpoint format: runs only once converted
+            if domain not in r["domains"].split(";") or (runs == "yes" and not repack):
                 continue
-            status = "no loader" if r.get("runs_here", "no probe") == "no probe" else "does not run"
+            status = {"no probe": "no loader", "yes": "runs once repacked (no loader for the file)"}.get(runs, "does not run")
             rows.append({"workload": name, "phase": "(all)", "dtype": "-", "kind": "quantization",
                          "requirement": f"{r['format']}: {status} on onnxruntime {provider}", "op": "",
                          "flops_share": math.nan, "bytes_share": math.nan, "sources": r["source"],
-                         "evidence": r.get("error", "") or r["notes"], "dirty_fix": r["how_produced"]})
+                         "evidence": r.get("error", "") or (f"probe {r['probe']}: rel err {r['rel_err']:.2g}; "
+                                                            if runs == "yes" else "") + r["notes"],
+                         "dirty_fix": r["how_produced"]})
     return rows
 
 
 def gap_report(convs: Iterable[Conversion], target: Any = "onnx-opset18",
                formats: pd.DataFrame | None = None, tables: dict | None = None,
-               provider: str = "CPUExecutionProvider") -> pd.DataFrame:
+               provider: str = "CPUExecutionProvider",
+               training: Iterable[TrainingAttempt] | None = None) -> pd.DataFrame:
     """The SW requirements list: one row per (workload, phase, dtype, requirement).
 
     ``kind`` is one of ``conversion`` (a blocker of the whole phase), ``training``,
@@ -558,7 +582,10 @@ def gap_report(convs: Iterable[Conversion], target: Any = "onnx-opset18",
     ``tooling`` and ``quantization`` (a format the domain needs that the runtime does not run
     or load; pass ``formats=validate_formats()``). ``target``: a :class:`~cohw_utils.views.target_coverage.Target`,
     its name, or None to work from the conversion and exported graph alone. ``tables``
-    (``{(workload, phase, dtype): op table}``) saves re-tracing.
+    (``{(workload, phase, dtype): op table}``) saves re-tracing. ``training``: the
+    :func:`~cohw_utils.studies.enabling.training.try_training` results of the training phases;
+    their rows say what broke on that path (or that it ran); a training phase without one gets
+    a "not tried" row.
     """
     tgt = None
     if target is not None:
@@ -566,13 +593,14 @@ def gap_report(convs: Iterable[Conversion], target: Any = "onnx-opset18",
     rows: list[dict] = []
     tables = {} if tables is None else tables
     convs = list(convs)
+    attempts = {(a.workload, a.phase): a for a in (training or ())}
     for c in convs:
         if c.status == "n/a":
             continue
         key = (c.workload, c.phase, c.dtype)
         if key not in tables:
             tables[key] = trace_tiny_phase(c.workload, c.phase, c.dtype)
-        rows += requirements(c, tables[key], tgt, provider)
+        rows += requirements(c, tables[key], tgt, provider, attempts.get((c.workload, c.phase)))
     if formats is not None:
         rows += _format_rows(dict.fromkeys(c.workload for c in convs if c.status != "n/a"), formats, provider)
     df = pd.DataFrame(rows, columns=REPORT_COLUMNS)
