@@ -138,26 +138,27 @@ def _one_gemm_phase(weight_footprint: float) -> Analysis:
 
 
 def test_spill_time_by_hand():
-    a = _one_gemm_phase(100e9)                   # 100 GB of weights, 80 GB of HBM: 20% streams from LPDDR5X
+    a = _one_gemm_phase(100e9)                   # 100 GB of weights, 80 GiB (85.9 GB) of HBM: 14% streams from LPDDR5X
     d = acc.make_accelerator("t", 1000, hbm_gb=80, hbm_tbs=4, sram_mb=32, slow="LPDDR5X")
     r = sweep.evaluate_designs(d, prepare(a), TABLE, quantize=False).iloc[0]
     w = 4096 * 4096 * 2
     act = 4096 * 2 * 2
-    t_hbm = (0.8 * w + act) / 4e12
-    t_slow = 0.2 * w / 450e9
+    in_hbm = 80 * 2**30 / 100e9
+    t_hbm = (in_hbm * w + act) / 4e12
+    t_slow = (1 - in_hbm) * w / 450e9
     t_comp = 2 * 4096 * 4096 / 1000e12
     assert r.time_s == pytest.approx(max(t_hbm, t_slow, t_comp), rel=1e-12)
-    assert r.time_s == pytest.approx(0.2 * w / 450e9, rel=1e-12)
-    assert r.binding == "slow tier" and not r.fits and r.spilled_bytes == pytest.approx(20e9)
-    assert r.bytes_slow == pytest.approx(0.2 * w) and r.bytes_hbm == pytest.approx(0.8 * w + act)
-    # no slow tier: the same 20% goes over the 63 GB/s host link
+    assert r.time_s == pytest.approx((1 - in_hbm) * w / 450e9, rel=1e-12)
+    assert r.binding == "slow tier" and not r.fits and r.spilled_bytes == pytest.approx(100e9 - 80 * 2**30)
+    assert r.bytes_slow == pytest.approx((1 - in_hbm) * w) and r.bytes_hbm == pytest.approx(in_hbm * w + act)
+    # no slow tier: the same 14% goes over the 63 GB/s host link
     r2 = sweep.evaluate_designs(d.replace(name="t2", slow_bytes=0.0, slow_bw=0.0), prepare(a), TABLE,
                          quantize=False).iloc[0]
-    assert r2.time_s == pytest.approx(0.2 * w / 63e9, rel=1e-12) and r2.binding == "link"
+    assert r2.time_s == pytest.approx((1 - in_hbm) * w / 63e9, rel=1e-12) and r2.binding == "link"
     # energy: the spilled bytes cost the data file's DRAM figure instead of HBM's
     pj = sweep._tier_pj(TABLE)
     fits = sweep.evaluate_designs(d.replace(name="big", hbm_bytes=200e9), prepare(a), TABLE, quantize=False).iloc[0]
-    assert r.energy_J - fits.energy_J == pytest.approx(0.2 * w * (pj[2] - pj[1]) * 1e-12, rel=1e-9)
+    assert r.energy_J - fits.energy_J == pytest.approx((1 - in_hbm) * w * (pj[2] - pj[1]) * 1e-12, rel=1e-9)
 
 
 def test_placement_policies():
@@ -209,7 +210,7 @@ def test_make_accelerator_peaks_and_validation():
     d = acc.make_accelerator("x", 800, hbm_gb=96, hbm_tbs=5, sram_mb=128, formats=("fp8", "int8", "int4"))
     assert d.peak("bf16") == 800e12 and d.peak("fp32") == 50e12 and d.peak("int4") == 3200e12
     assert d.peak("fp8") == d.peak("int8") == 1600e12 and d.weight_bits == 4
-    assert d.sram_bytes == 128 * 2**20 and d.sram_bw == 15e12 and d.hbm_bytes == 96e9
+    assert d.sram_bytes == 128 * 2**20 and d.sram_bw == 15e12 and d.hbm_bytes == 96 * 2**30   # a vendor's binary GB
     assert acc.make_accelerator("y", 800, 96, 5, 128, formats=()).weight_bits == 16
     with pytest.raises(CohwError, match="formats"):
         acc.make_accelerator("z", 800, 96, 5, 128, formats=("fp4",))

@@ -63,10 +63,12 @@ def test_kv_exceeds_weights_check():
 
 
 def test_concurrent_sequences_check():
-    # Chapter 2's table: 13B on an A100-40GB, 4 GB reserve, 2048-token sequences -> 5
-    assert ex.check_concurrent_sequences("llama-2-13b", "A100-40GB", 2048, 5)
-    v = ex.check_concurrent_sequences("llama-2-13b", "A100-40GB", 2048, 8)
+    # Chapter 2's table: 13B on an A100-40GB (40 GiB), 10% reserve, 2048-token sequences -> 7
+    assert ex.check_concurrent_sequences("llama-2-13b", "A100-40GB", 2048, 7)
+    v = ex.check_concurrent_sequences("llama-2-13b", "A100-40GB", 2048, 10)
     assert not v and "runtime reserve" in v.message
+    v = ex.check_concurrent_sequences("llama-2-13b", "A100-40GB", 2048, 5)
+    assert not v and "binary" in v.message                      # 40e9 bytes instead of 40 GiB
     assert not ex.check_concurrent_sequences("llama-2-13b", "A100-40GB", 2048, 6)
 
 
@@ -106,8 +108,8 @@ def test_decode_bound_and_max_batch_checks():
     assert ex.check_decode_bound("llama-2-7b", "H100-SXM", 8, d["tokens_per_s"])
     v = ex.check_decode_bound("llama-2-7b", "H100-SXM", 8, d["per_sequence_tokens_per_s"])
     assert not v and "one sequence" in v.message
-    assert ex.check_max_batch("llama-2-13b", "A100-40GB", 2048, 5)  # vLLM's example (Chapter 4.1-4.2)
-    v = ex.check_max_batch("llama-2-13b", "A100-40GB", 2048, 8)
+    assert ex.check_max_batch("llama-2-13b", "A100-40GB", 2048, 7)  # vLLM's example (Chapter 4.1-4.2)
+    v = ex.check_max_batch("llama-2-13b", "A100-40GB", 2048, 10)
     assert not v and "runtime reserve" in v.message
 
 

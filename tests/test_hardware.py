@@ -75,8 +75,10 @@ def test_bandwidths(name: str, gbs: float) -> None:
 
 
 def test_capacities_and_caches() -> None:
-    assert get_hardware("H200-SXM").mem_bytes == pytest.approx(141e9)
-    assert get_hardware("MI300X").mem_bytes == pytest.approx(192e9)
+    # vendors' DRAM "GB" is binary: an H100's 80 GB is five 16 GiB stacks, 85.9e9 bytes (specs.VENDOR_GB)
+    assert get_hardware("H100-SXM").mem_bytes == 80 * 2**30 == 85_899_345_920
+    assert get_hardware("H200-SXM").mem_bytes == pytest.approx(141 * 2**30)
+    assert get_hardware("MI300X").mem_bytes == pytest.approx(192 * 2**30)
     assert get_hardware("A100-40GB").llc_bytes == 40 * 2**20
     assert get_hardware("H100-SXM").llc_bytes == 50 * 2**20
     assert get_hardware("MI300X").llc_bytes == 256 * 2**20

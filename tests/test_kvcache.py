@@ -105,14 +105,17 @@ def test_13b_on_a100_40gb_layout_by_hand():
     weights = 13_015_864_320 * 2
     lay = kvcache.memory_layout(hw, weights, 819_200, activations=0)
     tab = lay.table()
-    assert tab.loc["weights", "% of capacity"] == pytest.approx(65.08, abs=0.01)  # the seed's "26 GB (65%)"
-    assert tab.loc["runtime reserve", "GB"] == pytest.approx(4.0)
-    budget = 40e9 - weights - 4e9
+    # the seed's (and vLLM's) "26 GB (65%)" divides decimal GB by the vendor's binary 40 GB;
+    # the chip holds 40 x 2**30 = 42.95e9 bytes, so the weights are 60.6% of it
+    assert tab.loc["weights", "% of capacity"] == pytest.approx(100 * weights / 2**30 / 40, abs=1e-9)
+    assert tab.loc["weights", "% of capacity"] == pytest.approx(60.61, abs=0.01)
+    assert tab.loc["runtime reserve", "GB"] == pytest.approx(4.294967296)
+    budget = 40 * 2**30 * 0.9 - weights
     assert lay.kv_budget == pytest.approx(budget)
-    assert lay.max_tokens == int(budget // 819_200) == 12_168
-    assert lay.max_sequences(2048) == 5 and lay.max_sequences(4096) == 2 and lay.max_sequences(512) == 23
+    assert lay.max_tokens == int(budget // 819_200) == 15_408
+    assert lay.max_sequences(2048) == 7 and lay.max_sequences(4096) == 3 and lay.max_sequences(512) == 30
     conc = kvcache.concurrency_table(lay, [2048])
-    assert conc.loc[2048, "max_sequences"] == 5
+    assert conc.loc[2048, "max_sequences"] == 7
     with pytest.raises(CohwError, match="does not fit on A100-40GB"):
         kvcache.memory_layout(hw, 138e9, 327_680)  # Llama-2-70B in fp16
     with pytest.raises(CohwError, match="reserve_fraction"):

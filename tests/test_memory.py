@@ -98,9 +98,9 @@ def test_serving_memory_and_max_batch():
     m = memory.serving_memory("llama-2-13b", [0, 1, 4], 2048, hw=a100)
     assert m["weights"].iloc[0] == 2 * 13_015_864_320
     assert m["kv_cache"].tolist() == [0, 819_200 * 2048, 4 * 819_200 * 2048]
-    assert m["reserve"].iloc[0] == pytest.approx(0.10 * 40e9)
-    # (40 - 26.03 - 2) GB / 1.68 GB per 2048-token sequence = 7.1
-    assert memory.max_batch("llama-2-13b", a100, 2048) == 5  # 7 with a 5% reserve (vLLM Figure 1 "others")
+    assert m["reserve"].iloc[0] == pytest.approx(0.10 * 40 * 2**30)
+    # (42.95 x 0.9 - 26.03) GB / 1.68 GB per 2048-token sequence = 7.5
+    assert memory.max_batch("llama-2-13b", a100, 2048) == 7
     assert memory.max_batch("llama-2-70b", a100, 2048) == 0
     with pytest.raises(memory.CohwError, match="batch and context"):
         memory.serving_memory("llama-2-13b", -1, 2048)

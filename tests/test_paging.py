@@ -51,11 +51,11 @@ def test_paged_by_hand():
 def test_thirteen_b_on_a100_40gb():
     sm = paging.serving_model("llama-2-13b", get_hardware("A100-40GB"))
     assert sm.kv_bytes_per_token == 819_200                 # the vLLM paper's "800 KB" per token
-    assert sm.capacity_tokens == int((40e9 * 0.90 - 2 * 13_015_864_320) // 819_200) == 12_168  # 10% reserve
+    assert sm.capacity_tokens == int((40 * 2**30 * 0.90 - 2 * 13_015_864_320) // 819_200) == 15_408  # 10% reserve
     out = paging.compare_schemes(n=250, seed=1)
     ts = out["token_states_%"]
     assert ts["paged"] > ts["contiguous-oracle"] > ts["contiguous-pow2"] > ts["contiguous-max"]
-    assert out.loc["contiguous-max", "max_batch"] == 12_168 // 2048 == 5
+    assert out.loc["contiguous-max", "max_batch"] == 15_408 // 2048 == 7
     assert out.loc["paged", "x_vs_max"] > 2
     side = paging.beside_paper(out)
     assert side.loc["contiguous-max", "token states, paper %"] == 20.4

@@ -194,6 +194,17 @@ def check_kv_exceeds_weights(workload: str, answer: float, batch: int = 1, dtype
                   f"outgrows the weights ({dtype})", near)
 
 
+_BINARY_HINT = ("That counts the chip's memory as decimal GB (1e9 bytes); memory vendors' GB is binary "
+                "(2**30 bytes: an A100-40GB holds 42.9e9 bytes), see cohw_utils.hardware.specs.")
+
+
+def _decimal_capacity(hw):
+    """``hw`` with its capacity read as decimal GB: the mistake :data:`_BINARY_HINT` names."""
+    from cohw_utils.hardware.specs import VENDOR_GB
+
+    return replace(hw, mem_bytes=hw.mem_bytes / VENDOR_GB * 1e9)
+
+
 def check_concurrent_sequences(workload: str, hardware: str, seq_len: int, answer: float,
                                reserve_fraction: float = 0.10, block_size: int | None = 16,
                                dtype: str = "fp16") -> Verdict:
@@ -209,7 +220,10 @@ def check_concurrent_sequences(workload: str, hardware: str, seq_len: int, answe
                                    kvcache.kv_bytes_per_token(config, dtype), reserve_fraction=reserve_fraction)
     expected = layout.max_sequences(seq_len, block_size)
     no_reserve = kvcache.memory_layout(hw, layout.weights, layout.kv_per_token, reserve_fraction=0.0)
-    near = {no_reserve.max_sequences(seq_len, block_size):
+    decimal = kvcache.memory_layout(_decimal_capacity(hw), layout.weights, layout.kv_per_token,
+                                    reserve_fraction=reserve_fraction)
+    near = {decimal.max_sequences(seq_len, block_size): _BINARY_HINT,
+            no_reserve.max_sequences(seq_len, block_size):
             f"That ignores the runtime reserve ({reserve_fraction:.0%} of memory).",
             replace(layout, kv_per_token=layout.kv_per_token / 2).max_sequences(seq_len, block_size):
             "That counts only K or only V per token."}
@@ -304,7 +318,8 @@ def check_max_batch(workload: str, hardware: str, context: int, answer: float, d
 
     hw = _hardware(hardware)
     expected = memory.max_batch(workload, hw, context, dtype)
-    near = {memory.max_batch(workload, hw, context, dtype, reserve_fraction=0.0):
+    near = {memory.max_batch(workload, _decimal_capacity(hw), context, dtype): _BINARY_HINT,
+            memory.max_batch(workload, hw, context, dtype, reserve_fraction=0.0):
             "That leaves no runtime reserve (10% of memory: CUDA context, allocator, activations)."}
     near.pop(expected, None)
     return _exact(answer, expected, f"largest batch of {workload} at {context} tokens on {hw.name}", near)

@@ -8,8 +8,13 @@ Units and semantics (everything here is SI, per second, per chip):
   data file, and the row's ``notes`` says so. Keys are ``'fp64', 'fp32', 'tf32', 'fp16',
   'bf16', 'fp8', 'int8'``; a dtype the chip has no figure for is absent (not zero).
 * ``Hardware.mem_bw``: peak off-chip (HBM) bandwidth in bytes/s (1 GB/s = 1e9 bytes/s).
-* ``Hardware.mem_bytes``: the vendor's nominal capacity x 1e9 bytes. Vendors' HBM "GB" is
-  physically GiB, so this understates capacity by up to 7%: a conservative "does it fit" test.
+* ``Hardware.mem_bytes``: the vendor's capacity in bytes, ``memory_gb x 2**30``
+  (:data:`VENDOR_GB`). **Units convention of the book**: memory vendors' "GB" of DRAM is binary
+  (DRAM dies hold 2^n bits: an H100's "80 GB" is five 16 GiB HBM3 stacks), so a capacity is
+  converted once, here, and everything the book prints is SI: 1 GB = 1e9 bytes, 1 GB/s = 1e9
+  bytes/s. An H100-SXM thus holds 85.9 GB, and a model "fits" against that. (Until the units
+  issue this was ``x 1e9``, which understated every capacity by 7.4%.) Bandwidths are SI as
+  printed by the vendors; on-chip SRAM and caches are binary (MiB x 2**20).
 * ``Hardware.llc_bytes``: last-level on-chip cache in bytes (MiB x 2**20), or ``None`` where
   the vendor does not publish it.
 * ``Hardware.ridge_point(dtype)``: peak FLOP/s / bandwidth, in FLOP per byte: the arithmetic
@@ -61,6 +66,8 @@ _DTYPE_COLUMNS: dict[str, str] = {
 }
 
 _REQUIRED_TEXT = ("name", "vendor", "source")
+#: Bytes in one vendor "GB" of DRAM capacity (binary, see the module docstring).
+VENDOR_GB = 2**30
 _REQUIRED_NUMBERS = ("year", "memory_gb", "mem_bw_gbs")
 _OPTIONAL_NUMBERS = ("llc_mib", "tdp_w", *_DTYPE_COLUMNS.values())
 _COLUMNS = (*_REQUIRED_TEXT, "memory_type", "notes", *_REQUIRED_NUMBERS, *_OPTIONAL_NUMBERS)
@@ -167,7 +174,7 @@ def _row_to_hardware(path: Path, line: int, row: pd.Series, numbers: pd.Series) 
         year=int(numbers["year"]),
         peak_flops=peak,
         mem_bw=float(numbers["mem_bw_gbs"]) * 1e9,
-        mem_bytes=float(numbers["memory_gb"]) * 1e9,
+        mem_bytes=float(numbers["memory_gb"]) * VENDOR_GB,
         llc_bytes=optional("llc_mib", 2.0**20),
         tdp_w=optional("tdp_w", 1.0),
         source=row["source"].strip(),

@@ -54,6 +54,7 @@ from typing import Any
 from cohw_utils.core.dtypes import dtype_name
 from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import Hardware, get_hardware
+from cohw_utils.hardware.specs import VENDOR_GB
 
 __all__ = ["TIERS", "RESOURCES", "SLOW_TIERS", "HOST_LINKS", "SRAM_BW_X", "GH100_DIE_MM2", "COST_SOURCES",
            "FORMAT_X", "INT4_TOPS", "CostModel", "Accelerator", "make_accelerator", "from_hardware", "sram_only",
@@ -152,7 +153,7 @@ class CostModel:
         parts["dies"] = max(1, math.ceil(logic / m.reticle_mm2 - 1e-9))
         parts["d2d"] = (parts["dies"] - 1) * m.d2d_mm2
         parts["die"] = logic + parts["d2d"]
-        parts["hbm_stacks"] = max(d.hbm_bytes / 1e9 / m.hbm_stack_gb, d.hbm_bw / 1e12 / m.hbm_stack_tbs)
+        parts["hbm_stacks"] = max(d.hbm_bytes / VENDOR_GB / m.hbm_stack_gb, d.hbm_bw / 1e12 / m.hbm_stack_tbs)
         parts["hbm_footprint"] = m.hbm_stack_mm2 * parts["hbm_stacks"]
         parts["package"] = parts["die"] + parts["hbm_footprint"]
         return parts
@@ -284,7 +285,8 @@ def make_accelerator(name: str, tflops16: float, hbm_gb: float, hbm_tbs: float, 
                      formats: Iterable[str] = ("fp8", "int8"), sram_tbs: float | None = None,
                      slow: str | None = None, link_gbs: float = 63.0,
                      matrix_unit: tuple[int, int] | None = None, tdp_w: float | None = None) -> Accelerator:
-    """A design from headline numbers: dense 16-bit TFLOP/s, HBM GB and TB/s, SRAM MB (MiB),
+    """A design from headline numbers: dense 16-bit TFLOP/s, HBM GB (a vendor's binary GB, as
+    ``hardware.csv``: x 2**30 bytes) and TB/s, SRAM MB (MiB),
     narrow formats, SRAM TB/s (default :data:`SRAM_BW_X` x HBM), an optional slow tier from
     :data:`SLOW_TIERS`, the host link in GB/s and a power cap in W (None: the power model's)."""
     bad = set(formats) - {"fp8", "int8", "int4"}
@@ -301,7 +303,7 @@ def make_accelerator(name: str, tflops16: float, hbm_gb: float, hbm_tbs: float, 
         slow_bytes, slow_bw = SLOW_TIERS[slow][:2]
     sram_bw = (sram_tbs * 1e12) if sram_tbs is not None else SRAM_BW_X * hbm_tbs * 1e12
     return Accelerator(name=name, peak_flops=peak, sram_bytes=sram_mb * 2**20, sram_bw=sram_bw,
-                       hbm_bytes=hbm_gb * 1e9, hbm_bw=hbm_tbs * 1e12, slow_bytes=slow_bytes,
+                       hbm_bytes=hbm_gb * VENDOR_GB, hbm_bw=hbm_tbs * 1e12, slow_bytes=slow_bytes,
                        slow_bw=slow_bw, link_bw=link_gbs * 1e9, matrix_unit=matrix_unit,
                        slow_kind=slow or "", tdp_w=tdp_w)
 
