@@ -355,8 +355,7 @@ register_cost(_ops("native_group_norm", "native_batch_norm", "_native_batch_norm
 register_cost(_ops("native_group_norm_backward", "native_batch_norm_backward"),
               _per_in_element(NORMALIZATION, 5))
 register_cost(_ops("_softmax", "_log_softmax", "_safe_softmax"), _per_in_element(NORMALIZATION, 5))
-register_cost(_ops("_softmax_backward_data", "_log_softmax_backward_data"),
-              _per_out_element(NORMALIZATION, 5))
+register_cost(_ops("_softmax_backward_data", "_log_softmax_backward_data"), _per_out_element(NORMALIZATION, 5))
 
 register_cost(_ops("cumsum", "cumprod", "logcumsumexp"), _per_in_element(ELEMENTWISE, 1))
 # Element-wise ops torch does not tag pointwise.
@@ -418,8 +417,9 @@ register_cost(_ops("upsample_bilinear2d_backward", "_upsample_bilinear2d_aa_back
 
 # ---------------------------------------------------------------------------- gathers, scatters
 # Sector arithmetic is written by hand: no library states DRAM traffic of a gather from shapes.
-# Collectives (torch.distributed's ops, as a sharded model issues them): no FLOPs; bytes = buffers read and
-# written; their time is the link's (cohw_utils.views.collectives). Waiting on or wrapping a result is free.
+# Collectives (torch.distributed's ops, as a sharded model issues them): no FLOPs; bytes = buffers read and written;
+# time is the link's (views.collectives); waiting on or wrapping a result is free (its op exists once imported):
+import torch.distributed._functional_collectives  # noqa: E402,F401
 _COMM = {("_c10d_functional", COMMUNICATION): "all_reduce all_reduce_ all_reduce_coalesced all_reduce_coalesced_ "
          "all_gather_into_tensor all_gather_into_tensor_coalesced all_gather_into_tensor_out reduce_scatter_tensor "
          "reduce_scatter_tensor_coalesced reduce_scatter_tensor_out all_to_all_single broadcast broadcast_ isend irecv",

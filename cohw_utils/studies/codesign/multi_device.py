@@ -1,0 +1,71 @@
+"""More chips instead of more memory: tensor parallelism beside offloading (Chapter 5.5).
+
+A model that does not fit one chip can stream what does not fit from a slower tier (the design
+model's spill, :mod:`cohw_utils.studies.codesign.placement`) or be split over ``tp`` chips:
+Megatron-style tensor parallelism as the model's own TP plan applies it
+(:func:`cohw_utils.spine.shard.per_rank_table`), each rank holding ``1/tp`` of the weights and of
+the KV heads, with the all-reduces of its row-parallel layers on a link
+(:func:`cohw_utils.views.parallel.rank_seconds`: the ring alpha-beta cost of
+:mod:`cohw_utils.views.collectives`, no overlap of compute and communication).
+
+:func:`tp_options` prices the second for one decode step at ``batch`` sequences of ``context``
+tokens: per (tp, link) the per-rank compute and communication, the time per token, tokens/s in
+total and per device, and what one rank holds (weights / tp + its share of the KV cache) against
+its usable memory (:func:`cohw_utils.views.memory_budget.fits`, the runtime reserve kept).
+``calibration=None`` is the ideal roofline, as the spill model's hand-checked rows use.
+
+Used by Chapter 5 (the co-design loop).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from cohw_utils.core.errors import CohwError
+from cohw_utils.hardware import Hardware, get_hardware
+from cohw_utils.hardware.interconnects import get_interconnect
+from cohw_utils.spine.shard import per_rank_table
+from cohw_utils.views.kvcache import kv_bytes_per_token, weight_bytes
+from cohw_utils.views.memory_budget import fits
+from cohw_utils.views.parallel import kv_bytes_per_rank, rank_seconds
+from cohw_utils.workloads import build
+
+__all__ = ["NATIVE_LINKS", "native_link", "tp_options"]
+
+#: Each catalog generation's own scale-up link (a name in ``data/interconnects.csv``).
+NATIVE_LINKS: dict[str, str] = {"A100": "nvlink3-a100", "H100": "nvlink4-h100", "H200": "nvlink4-h100",
+                                "B200": "nvlink5-b200"}
+
+
+def native_link(hw: Hardware | str) -> str:
+    """The scale-up link a chip of ``hw``'s generation ships with (:data:`NATIVE_LINKS`, matched on
+    the name's prefix); PCIe 5.0 x16 for a chip without one in the table."""
+    name = (hw if isinstance(hw, str) else hw.name).upper()
+    return next((v for k, v in NATIVE_LINKS.items() if name.startswith(k)), "pcie5-x16")
+
+
+def tp_options(workload: str, hw: Hardware | str, links: Sequence[str], tps: Sequence[int] = (2, 4, 8), *,
+               batch: int = 1, context: int = 2048, dtype: str = "fp16", calibration: Any = None) -> pd.DataFrame:
+    """One row per (tp, link) for a decode step of ``workload`` on ``tp`` chips ``hw`` (see the
+    module docstring); ``tp = 1`` gets one row without a link. Columns: ``option``, ``devices``,
+    ``link``, ``compute_s``, ``comm_s``, ``time_per_token_s``, ``tokens_per_s``,
+    ``tokens_per_s_per_device``, ``rank_GB`` (1e9 bytes), ``fits``."""
+    hw = get_hardware(hw) if isinstance(hw, str) else hw
+    if not links and any(t > 1 for t in tps):
+        raise CohwError("tp_options: tp > 1 needs at least one link (see cohw_utils.hardware.load_interconnects())")
+    config = build(workload, scale="full", device="meta", dtype=dtype).model.config
+    kv_token, weights = kv_bytes_per_token(config, dtype), weight_bytes(workload, dtype)
+    rows = []
+    for tp in tps:
+        table = per_rank_table(workload, "decode", tp=tp, batch=batch, seq_len=context, dtype=dtype)
+        resident = weights / tp + kv_bytes_per_rank(kv_token, batch * context, tp)
+        for link in (links if tp > 1 else [None]):
+            r = rank_seconds(table, hw, get_interconnect(link) if link else None, calibration)
+            rows.append({"option": f"{tp} x {hw.name}" + (f" TP over {link}" if link else ""), "devices": tp,
+                         "link": link or "-", "compute_s": r.compute_s, "comm_s": r.comm_s,
+                         "time_per_token_s": r.total_s, "tokens_per_s": batch / r.total_s,
+                         "tokens_per_s_per_device": batch / r.total_s / tp, "rank_GB": resident / 1e9,
+                         "fits": fits(hw, resident)})
+    return pd.DataFrame(rows)
