@@ -40,10 +40,16 @@ def test_split_is_fixed_and_both_halves_are_used():
     assert (cov["split"] == "calibration").sum() >= 4 and (cov["split"] == "heldout").sum() >= 4
 
 
-def test_multi_device_and_unstated_rows_are_never_covered():
-    assert not LEDGER.loc[LEDGER["devices"] > 1, "covered"].any()
-    multi = (LEDGER["devices"] > 1) & (LEDGER["task"] == "inference")
-    assert multi.any() and LEDGER.loc[multi, "why"].str.contains("needs the parallelism model").all()
+def test_multi_device_rows_need_a_stated_split_and_unstated_rows_are_never_covered():
+    before = lg.load_ledger(parallel=False)  # without the parallelism model: every multi-device row out
+    multi = (before["devices"] > 1) & (before["task"] == "inference")
+    assert not before.loc[before["devices"] > 1, "covered"].any()
+    assert multi.any() and before.loc[multi, "why"].str.contains("needs the parallelism model").all()
+    covered = LEDGER[LEDGER["covered"] & (LEDGER["devices"] > 1)]
+    assert len(covered) >= 6, "the stated-TP rows on chips with a spec are covered"
+    assert covered["parallelism"].str.fullmatch(r"tp=\d+").all() and (covered["link"] != "").all()
+    assert not LEDGER.loc[LEDGER["parallelism"].str.contains("not stated"), "covered"].any()
+    assert (before.loc[before["devices"] == 1, "covered"] == LEDGER.loc[LEDGER["devices"] == 1, "covered"]).all()
     assert LEDGER.loc[LEDGER["task"] == "training", "why"].str.contains("training predictor").all()
     no_batch = LEDGER["batch"].isna() & (LEDGER["devices"] == 1)
     assert not LEDGER.loc[no_batch, "covered"].any()
@@ -52,7 +58,8 @@ def test_multi_device_and_unstated_rows_are_never_covered():
 def test_stored_calibration_was_fitted_on_todays_calibration_split():
     """Editing the ledger without refitting (`bench_ledger.py --fit --write`) fails here."""
     cal = load_calibration()
-    expected = LEDGER.loc[LEDGER["covered"] & (LEDGER["split"] == "calibration"), "id"].tolist()
+    expected = LEDGER.loc[LEDGER["covered"] & (LEDGER["devices"] == 1) & (LEDGER["split"] == "calibration"), "id"].tolist()
+    assert lg.calibration_rows(LEDGER) == expected
     assert list(cal.fit["rows"]) == expected
     assert "*" in cal.params
 

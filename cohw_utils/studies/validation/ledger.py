@@ -8,17 +8,21 @@ output lengths, metric, value, unit, bibliography key, where it was read) and a 
 predictor builds; empty where the repo has none) and ``format`` (the weight format of
 :data:`~cohw_utils.views.predictor.WEIGHT_FORMATS` the row's dtype means; empty if none fits).
 
-Coverage (:func:`row_coverage`): a row is *covered* when the predictor can compute it today: one
-device, a predictable metric (tokens/s, TTFT, TPOT, latency), a config, a hardware spec, a known
-format, and batch and lengths stated. Every other row is kept and counted, with the reason (e.g.
-multi-device rows wait for the parallelism work); nothing is guessed.
+Coverage (:func:`row_coverage`): a row is *covered* when the predictor can compute it today: a
+predictable metric (tokens/s, TTFT, TPOT, latency), a config, a hardware spec, a known format,
+and batch and lengths stated, on one device -- or on several, when the source states the
+tensor x data-parallel split and the row's ``link`` column names the interconnect (predicted by
+the parallelism model, :mod:`cohw_utils.studies.validation.multidevice`). Every other row is kept
+and counted, with the reason; nothing is guessed. ``load_ledger(parallel=False)`` gives the
+coverage without the parallelism model (every multi-device row out), the "before" of Chapter 4.5.
 
 The fit (:func:`fit_calibration`) chooses the four parameters of
 :class:`~cohw_utils.views.predictor.Calibration` that minimise the squared log error
 ``log(predicted / measured)`` over the *calibration* rows only (scipy's bounded least squares);
 a vendor with at least ``min_vendor_rows`` calibration rows gets its own set, fitted from the
-global one. The held-out rows judge it (:func:`ledger_errors`, :func:`error_summary`); nothing is
-tuned on them. The per-row evaluation uses each op's ideal compute and memory times, so the fit's
+global one. The fit sees one-chip rows only (:func:`calibration_rows`); a multi-device row is
+never fitted on, and its error is reported apart (:func:`ledger_report`). The held-out rows judge
+it (:func:`ledger_errors`, :func:`error_summary`); nothing is tuned on them. The per-row evaluation uses each op's ideal compute and memory times, so the fit's
 objective is exactly :func:`~cohw_utils.views.predictor.phase_seconds` under the same parameters.
 """
 from __future__ import annotations
@@ -32,26 +36,29 @@ import pandas as pd
 from cohw_utils.core.data import read_table
 from cohw_utils.core.errors import CohwError, DataFileError
 from cohw_utils.hardware import Hardware, load_hardware
+from cohw_utils.hardware.interconnects import load_interconnects
 from cohw_utils.spine.costs import CONTRACTION, VIEW
+from cohw_utils.studies.validation.multidevice import link_coverage, plan_coverage
 from cohw_utils.views.predictor import BOUNDS, PARAMS, WEIGHT_FORMATS, Calibration
 from cohw_utils.views.roofline import op_times
 
 __all__ = ["LEDGER_COLUMNS", "PREDICTED_METRICS", "load_ledger", "row_coverage", "RowTimes", "row_times",
-           "all_row_times", "pick_rows", "predicted_value", "regime", "fit_calibration", "ledger_errors",
+           "all_row_times", "one_chip", "pick_rows", "calibration_rows", "reason_counts", "predicted_value", "regime", "fit_calibration", "ledger_errors",
            "error_summary", "ledger_report", "load_peers", "fig_predicted_vs_measured"]
 
 LEDGER_COLUMNS = ("id", "split", "task", "source", "table_figure", "model", "config", "hardware", "vendor", "devices",
                   "parallelism", "framework", "dtype", "format", "batch", "input_len", "output_len",
-                  "metric", "value", "unit", "citation", "note", "evidence")
-#: metric -> the unit it must be stated in; the predictor computes these on one device.
+                  "metric", "value", "unit", "citation", "note", "evidence", "link")
+#: metric -> the unit it must be stated in; the predictor computes these (one device or a TP x DP plan).
 PREDICTED_METRICS = {"tokens_per_s": "tokens/s", "tokens_per_s_per_device": "tokens/s",
                      "tpot_ms": "ms", "ttft_ms": "ms", "latency_ms": "ms"}
 SPLITS = ("calibration", "heldout")
 TASKS = ("inference", "training")
 
 
-def load_ledger(path: str | None = None) -> pd.DataFrame:
-    """The ledger with one ``covered`` bool and a ``why`` column added (see :func:`row_coverage`)."""
+def load_ledger(path: str | None = None, parallel: bool = True) -> pd.DataFrame:
+    """The ledger with one ``covered`` bool and a ``why`` column added (see :func:`row_coverage`;
+    ``parallel=False``: without the parallelism model)."""
     df = read_table(path or "ledger.csv", LEDGER_COLUMNS, numeric=("devices", "batch", "input_len",
                                                                      "output_len", "value"),
                     keep_default_na=False, na_values={c: [""] for c in ("batch", "input_len", "output_len")})
@@ -63,22 +70,27 @@ def load_ledger(path: str | None = None) -> pd.DataFrame:
         raise DataFileError(f"ledger.csv rows {bad[:5]} have a split other than {' / '.join(SPLITS)}")
     if df["id"].duplicated().any():
         raise DataFileError(f"ledger.csv ids repeat: {sorted(set(df.loc[df['id'].duplicated(), 'id']))[:5]}")
-    hw = load_hardware()
-    cov = [row_coverage(r, hw) for r in df.itertuples(index=False)]
+    hw, links = load_hardware(), load_interconnects()
+    cov = [row_coverage(r, hw, parallel=parallel, interconnects=links) for r in df.itertuples(index=False)]
     df["covered"] = [c is None for c in cov]
     df["why"] = [c or "" for c in cov]
     return df
 
 
-def row_coverage(row, hardware: dict[str, Hardware] | None = None) -> str | None:
-    """None when the predictor covers ``row``; else the reason it does not (one phrase)."""
+def row_coverage(row, hardware: dict[str, Hardware] | None = None, parallel: bool = True,
+                 interconnects: dict | None = None) -> str | None:
+    """None when the predictor covers ``row``; else the reason it does not (one phrase).
+    ``parallel=False``: every multi-device row is out ("needs the parallelism model")."""
     hardware = hardware if hardware is not None else load_hardware()
     if row.task != "inference":
         return f"{row.task} row: needs a training predictor"
     if pd.isna(row.devices):
         return "device count not stated"
-    if int(row.devices) > 1:
+    multi = int(row.devices) > 1
+    if multi and not parallel:
         return f"{int(row.devices)} devices ({row.parallelism}): needs the parallelism model"
+    if multi and (why := plan_coverage(row)):
+        return why
     if row.metric not in PREDICTED_METRICS:
         return f"metric {row.metric} is not predicted yet (a serving-load or aggregate figure)"
     if PREDICTED_METRICS[row.metric] != row.unit:
@@ -92,7 +104,7 @@ def row_coverage(row, hardware: dict[str, Hardware] | None = None) -> str | None
     needs_out = row.metric != "ttft_ms"
     if pd.isna(row.batch) or pd.isna(row.input_len) or (needs_out and pd.isna(row.output_len)):
         return "batch or lengths not stated"
-    return None
+    return link_coverage(row, interconnects) if multi else None
 
 
 @dataclass(frozen=True)
@@ -141,17 +153,30 @@ def row_times(row: pd.Series, hardware: dict[str, Hardware] | None = None, dtype
     return RowTimes(row, hw, tuple(tc), tuple(tm), tuple(con), tuple(view), tables)
 
 
+def one_chip(ledger: pd.DataFrame) -> pd.Series:
+    """Mask of the covered one-device rows (what :class:`RowTimes` and the fit take)."""
+    return ledger["covered"] & (ledger["devices"] == 1)
+
+
+def calibration_rows(ledger: pd.DataFrame) -> list[str]:
+    """Ids the calibration is fitted on: covered one-chip rows of the calibration split (never a
+    multi-device row; module docstring)."""
+    return ledger.loc[one_chip(ledger) & (ledger["split"] == "calibration"), "id"].tolist()
+
+
 def all_row_times(ledger: pd.DataFrame, ids: list[str] | None = None) -> dict[str, RowTimes]:
-    """:class:`RowTimes` of every covered row (or of ``ids``), keyed by row id."""
+    """:class:`RowTimes` of every covered one-chip row (or of ``ids``), keyed by row id."""
     hw = load_hardware()
-    rows = ledger[ledger["covered"]] if ids is None else ledger[ledger["id"].isin(ids)]
+    rows = ledger[one_chip(ledger)] if ids is None else ledger[ledger["id"].isin(ids)]
     return {r["id"]: row_times(r, hw) for _, r in rows.iterrows()}
 
 
-def pick_rows(ledger: pd.DataFrame, n: int | None = None) -> list[str]:
-    """Ids of ``n`` covered rows spread evenly over the ledger (every covered row for ``None``):
-    a small run still sees several sources, metrics and both splits."""
-    ids = ledger.loc[ledger["covered"], "id"].tolist()
+def pick_rows(ledger: pd.DataFrame, n: int | None = None, multi: bool = False) -> list[str]:
+    """Ids of ``n`` covered one-chip rows (``multi``: multi-device rows) spread evenly over the
+    ledger (every such row for ``None``): a small run still sees several sources, metrics and
+    both splits."""
+    mask = (ledger["covered"] & (ledger["devices"] > 1)) if multi else one_chip(ledger)
+    ids = ledger.loc[mask, "id"].tolist()
     if n is None or n >= len(ids):
         return ids
     return [ids[round(k * (len(ids) - 1) / max(n - 1, 1))] for k in range(n)]
@@ -192,6 +217,10 @@ def fit_calibration(rows: list[RowTimes], min_vendor_rows: int = 6) -> Calibrati
     """Fit :class:`Calibration` on ``rows`` (the calibration split; module docstring)."""
     from scipy.optimize import least_squares  # bounded nonlinear least squares: no need to write one
 
+    multi = [str(r.row["id"]) for r in rows if int(r.row["devices"]) > 1]
+    if multi:
+        raise CohwError(f"fit_calibration takes one-chip rows only; {multi[:3]} are multi-device (pick the rows "
+                        "with calibration_rows(ledger))")
     if len(rows) < len(PARAMS):
         raise CohwError(f"the fit needs at least {len(PARAMS)} covered calibration rows, got {len(rows)}")
     lo = np.array([BOUNDS[k][0] for k in PARAMS])
@@ -221,11 +250,12 @@ def fit_calibration(rows: list[RowTimes], min_vendor_rows: int = 6) -> Calibrati
 
 
 def ledger_errors(ledger: pd.DataFrame, times: dict[str, RowTimes], calibration: Calibration) -> pd.DataFrame:
-    """One row per covered ledger row: measured, ideal and calibrated predictions, their ratios
-    to the measurement, and the regime."""
+    """One row per covered one-chip ledger row: measured, ideal and calibrated predictions, their
+    ratios to the measurement, and the regime (multi-device rows:
+    :func:`~cohw_utils.studies.validation.multidevice.multi_device_errors`)."""
     ideal = Calibration.ideal().for_vendor("*")
     out = []
-    for _, row in ledger[ledger["covered"]].iterrows():
+    for _, row in ledger[one_chip(ledger)].iterrows():
         rt = times[row["id"]]
         pi = predicted_value(rt, ideal)
         pc = predicted_value(rt, calibration.for_vendor(rt.hw.vendor))
@@ -248,18 +278,31 @@ def error_summary(errors: pd.DataFrame, split: str = "heldout") -> dict[str, flo
     return res
 
 
-def ledger_report(ledger: pd.DataFrame, errors: pd.DataFrame, calibration: Calibration) -> dict[str, object]:
-    """What ``bench_ledger.py --json`` prints: the ledger's size, coverage, and the errors."""
+def reason_counts(ledger: pd.DataFrame) -> pd.Series:
+    """Rows per coverage reason, the covered ones as ``covered (one device)`` and ``covered
+    (several devices)``; a multi-device reason counted without its ``N devices (plan):`` prefix."""
+    why = ledger["why"].where(~ledger["covered"], np.where(ledger["devices"] > 1, "covered (several devices)",
+                                                             "covered (one device)"))
+    multi = (ledger["devices"] > 1) & ~ledger["covered"] & why.str.match(r"^\d+ devices \(")
+    key = why.str.split(":").str[0].where(~multi, why.str.split(": ", n=1).str[1])
+    return key.value_counts().rename("rows")
+
+
+def ledger_report(ledger: pd.DataFrame, errors: pd.DataFrame, calibration: Calibration,
+                  multi_errors: pd.DataFrame | None = None) -> dict[str, object]:
+    """What ``bench_ledger.py --json`` prints: the ledger's size, coverage, and the errors; the
+    held-out keys are the one-chip rows', ``multi_device`` the multi-device rows' (never fitted on)."""
     cov = ledger["covered"]
     held = error_summary(errors, "heldout")
+    multi = cov & (ledger["devices"] > 1)
     report: dict[str, object] = {
         "rows": int(len(ledger)), "sources": int(ledger["source"].nunique()),
         "citations": int(ledger["citation"].nunique()),
         "hardware_types": sorted(ledger["hardware"].unique()),
         "vendors": sorted(ledger["vendor"].unique()),
         "covered": int(cov.sum()), "coverage": round(float(cov.mean()), 3),
-        "not_covered_by_reason": {k: int(v) for k, v in
-                                  ledger.loc[~cov, "why"].str.split(":").str[0].value_counts().items()},
+        "covered_one_device": int(one_chip(ledger).sum()), "covered_multi_device": int(multi.sum()),
+        "rows_by_reason": {k: int(v) for k, v in reason_counts(ledger).items()},
         "calibration_rows": int((errors["split"] == "calibration").sum()) if len(errors) else 0,
         "heldout_rows": held["rows"],
         "heldout_ideal_median": round(held["ideal_median"], 4), "heldout_ideal_p90": round(held["ideal_p90"], 4),
@@ -270,6 +313,9 @@ def ledger_report(ledger: pd.DataFrame, errors: pd.DataFrame, calibration: Calib
                               for g, e in errors.groupby("regime")} if len(errors) else {},
         "calibration": {k: {p: round(x, 5) for p, x in v.items()} for k, v in calibration.params.items()},
     }
+    if multi_errors is not None:
+        report["multi_device"] = {s: {k: round(v, 4) for k, v in error_summary(multi_errors, s).items()}
+                                  for s in SPLITS}
     return report
 
 
