@@ -63,6 +63,71 @@ def test_model_matches_scalesim_compute_cycles(M, K, N, R, C, df):
     assert systolic.scalesim_cycles(M, K, N, R, C, df) == systolic.cycles(M, K, N, R, C, df)
 
 
+@pytest.mark.parametrize("M,K,N,R,C,hand", [
+    # one fold: nothing to overlap, the sequential count 2R + C + M - 2
+    (4, 4, 4, 4, 4, 14),
+    # M = 5 > R = 4, two column folds: 15 + max(4, 5) = 20 (sequential: 30)
+    (5, 3, 6, 4, 4, 20),
+    # M = 2 < R = 4: 3 x 3 = 9 folds, each further fold waits R = 4 cycles for its weights:
+    # 2*4 + 3 + 2 - 2 + 8*4 = 43 (sequential 9 x 11 = 99)
+    (2, 12, 9, 4, 3, 43),
+    # decode GEMV on 128 x 128: 1024 folds, 383 + 1023 * 128 (the weight-load rate binds)
+    (1, 4096, 4096, 128, 128, 383 + 1023 * 128),
+    # prefill, 512 tokens: 894 + 1023 * 512 (the stream binds)
+    (512, 4096, 4096, 128, 128, 894 + 1023 * 512),
+])
+def test_double_buffered_cycles_by_hand(M, K, N, R, C, hand):
+    assert systolic.cycles(M, K, N, R, C, "ws", double_buffer=True) == hand
+    # never slower than back-to-back folds, equal with one fold
+    assert hand <= systolic.cycles(M, K, N, R, C, "ws")
+
+
+def test_double_buffered_decode_is_bound_by_the_weight_load_rate():
+    # M < R: utilization tends to M / R (one tile row per cycle into the array), not to M / (2R + C - 1)
+    for m in (1, 2, 4, 8):
+        u = systolic.utilization(m, 4096, 4096, 128, 128, "ws", double_buffer=True)
+        assert u == pytest.approx(m * 1024 / (2 * 128 + 128 + m - 2 + 1023 * 128), rel=1e-12)
+        assert m / 128 * 0.99 < u < m / 128
+        assert systolic.utilization(m, 4096, 4096, 128, 128, "ws") == pytest.approx(
+            m / (2 * 128 + 128 + m - 2), rel=1e-12)
+    assert systolic.utilization(512, 4096, 4096, 128, 128, "ws", double_buffer=True) > 0.999
+
+
+def test_schedule_is_the_closed_form():
+    for M, R, F in ((1, 4, 6), (3, 4, 6), (4, 4, 6), (9, 4, 6), (128, 128, 5), (1, 128, 5)):
+        load, start = systolic.ws_schedule(M, R, F)
+        assert start == [R + f * max(R, M) for f in range(F)]
+        assert load[0] == 0 and all(s >= l + R for l, s in zip(load, start))
+
+
+@pytest.mark.parametrize("M,K,N,R,C", [(4, 4, 4, 4, 4), (5, 3, 6, 4, 4), (7, 9, 13, 4, 8), (1, 10, 5, 4, 4),
+                                       (9, 2, 3, 3, 2), (2, 12, 9, 4, 3), (6, 16, 4, 4, 2)])
+def test_double_buffered_simulation_multiplies_and_counts_the_formula(M, K, N, R, C):
+    rng = np.random.default_rng(M * 10 + N)
+    a, b = rng.standard_normal((M, K)), rng.standard_normal((K, N))
+    product, cycles = systolic.simulate_array(a, b, R, C, "ws", double_buffer=True)
+    np.testing.assert_allclose(product, a @ b, atol=1e-12)
+    assert cycles == systolic.cycles(M, K, N, R, C, "ws", double_buffer=True)
+
+
+@pytest.mark.parametrize("M,K,N,R,C", [(2, 12, 9, 4, 3), (6, 16, 4, 4, 2), (4, 8, 8, 4, 4)])
+def test_a_schedule_one_cycle_tighter_breaks(M, K, N, R, C):
+    # every load and stream start of the formula's schedule is tight: one cycle earlier and a PE
+    # multiplies by a weight still in transit or another fold's, two loads share a column's port,
+    # or two folds' activations meet at a row's input
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((M, K)), rng.standard_normal((K, N))
+    tiles = list(systolic._ws_tiles(a, b, R, C))
+    xs, ws = [t[4] for t in tiles], [t[5] for t in tiles]
+    load, start = systolic.ws_schedule(M, R, len(tiles))
+    assert systolic._simulate_ws_double_buffered(xs, ws, R, C, load, start)[2] == 0
+    for f in range(1, len(tiles)):
+        for which in ("load", "start"):
+            ll, ss = list(load), list(start)
+            (ll if which == "load" else ss)[f] -= 1
+            assert systolic._simulate_ws_double_buffered(xs, ws, R, C, ll, ss)[2] > 0, (which, f)
+
+
 def test_gemms_from_table_linear_bmm_conv_and_attention():
     torch.manual_seed(0)
     lin = nn.Linear(32, 48)
@@ -104,6 +169,10 @@ def test_utilization_table_is_mac_weighted():
     t = systolic.utilization_table({"x": gemms}, sizes=(128,), dataflows=("ws",))
     expected = gemms.macs.sum() / (128 * 128 * 1024 * (383 + 894))
     assert t.loc["x", "ws 128x128"] == pytest.approx(expected)
+    db = systolic.utilization_table({"x": gemms}, sizes=(128,), double_buffer=True)
+    cyc = (383 + 1023 * 128) + (894 + 1023 * 512)
+    assert db.loc["x", "ws 128x128"] == pytest.approx(gemms.macs.sum() / (128 * 128 * cyc))
+    assert db.loc["x", "os 128x128"] == systolic.utilization_table({"x": gemms}, sizes=(128,)).loc["x", "os 128x128"]
 
 
 def test_bad_input_raises():
@@ -113,3 +182,5 @@ def test_bad_input_raises():
         systolic.cycles(0, 4, 4, 4, 4)
     with pytest.raises(CohwError, match="needs a"):
         systolic.simulate_array(np.ones((2, 3)), np.ones((2, 3)), 2, 2)
+    with pytest.raises(CohwError, match="only a weight-stationary array"):
+        systolic.cycles(4, 4, 4, 4, 4, "os", double_buffer=True)
