@@ -176,6 +176,70 @@ def test_energy_by_hand():
         == pytest.approx(e["total_J"] / 8 - MACS * 12 * 0.25e-12 / 8)
 
 
+def _row(op, cls, op_class, ins, outs, read, written, macs=0):
+    return {"op": op, "module": "m", "module_class": cls, "op_class": op_class, "input_shapes": ins,
+            "output_shapes": outs, "dtype": "float16", "flops": 2 * macs, "macs": macs,
+            "bytes_read": read, "bytes_written": written, "costed": True}
+
+
+# a hand-made fp16 decode step: q = x @ W (x a phase input), the new K/V entry appended to a
+# 3-entry cache by cat, attention over the 4 entries, a GELU whose output is the phase output
+TINY = pd.DataFrame([
+    _row("aten.mm.default", "Linear", "contraction", ((1, 4), (4, 8)), ((1, 8),), 2 * (4 + 32), 16, 32),
+    _row("aten.view.default", "LlamaAttention", "view", ((1, 8),), ((1, 2, 1, 4),), 0, 0),
+    _row("aten.cat.default", "LlamaAttention", "data movement", ((1, 2, 3, 4), (1, 2, 1, 4)),
+         ((1, 2, 4, 4),), 2 * (24 + 8), 64),
+    _row("aten.scaled_dot_product_attention", "LlamaAttention", "contraction",
+         ((1, 2, 1, 4), (1, 2, 4, 4), (1, 2, 4, 4)), ((1, 2, 1, 4),), 2 * (8 + 32 + 32), 16, 64),
+    _row("aten.gelu.default", "GELUActivation", "element-wise", ((1, 2, 1, 4),), ((1, 2, 1, 4),), 16, 16),
+])
+
+
+def test_tensor_links_by_shape():
+    r = energy.op_roles(TINY)
+    links = r.links
+    pairs = sorted(zip(links.in_row.tolist(), links.in_root.tolist(), links.in_share.round(4).tolist()))
+    # mm's x is a phase input (the weight is left out); the cat's cache comes from outside, its new
+    # entry from the mm through the view; attention's q from the mm, K and V from the cat
+    assert pairs == [(0, -1, 1.0), (2, -1, 0.75), (2, 0, 0.25),
+                     (3, 0, round(16 / 144, 4)), (3, 2, round(64 / 144, 4)), (3, 2, round(64 / 144, 4)),
+                     (4, 3, 1.0)]
+    assert links.consumed.tolist() == [True, False, True, True, False]  # the GELU's output: a phase output
+    assert r.kv_append.tolist() == [False, False, True, False, False] and r.kv_new[2] == 16
+
+
+def test_cache_resident_activations_by_hand():
+    # weights (64 B) resident in a 1 MB buffer; the rest of the buffer holds activations
+    e = energy.workload_energy(T45, TINY, energy.ReuseModel(onchip_bytes=1e6, activations_resident=True))
+    # off-chip: x (8), the cache read (3/4 of the cat's 64 B read) and the whole cat write (a KV
+    # write), attention's K and V reads but for their new entry (96 of 144 B), the GELU's output (16)
+    assert e["offchip_bytes"] == 8 + 48 + 64 + 96 + 16
+    # on chip: the mm's output (16), the cat's read of it (16), attention's q and new K/V entry
+    # (48), its output (16) and the GELU's read of it (16), plus the weights
+    assert e["buffer_bytes"] == 16 + 16 + 48 + 16 + 16 + 64 and e["weights_resident"]
+    assert e["offchip_J"] == pytest.approx(232 * 160e-12) and e["buffer_J"] == pytest.approx(176 * 12.5e-12)
+    # in place, the append reads only its new entry (on chip) and writes it (off chip)
+    e = energy.workload_energy(T45, TINY, energy.ReuseModel(onchip_bytes=1e6, activations_resident=True,
+                                                            kv_in_place=True))
+    assert e["offchip_bytes"] == 8 + 0 + 16 + 96 + 16
+    # a buffer smaller than every tensor keeps nothing: the eager count
+    small = energy.ReuseModel(onchip_bytes=15, activations_resident=True)
+    assert energy.workload_energy(T45, TINY, small)["offchip_bytes"] == TINY.bytes_read.sum() + TINY.bytes_written.sum()
+    # the traced Linear + ReLU: x from outside, the mm's output kept, the ReLU's output is the phase's
+    e = energy.workload_energy(T45, ET, energy.ReuseModel(onchip_bytes=1e6, activations_resident=True))
+    assert e["offchip_bytes"] == 4 * 8 * 64 + MM_OUT and e["buffer_bytes"] == W + 2 * MM_OUT
+    # resident weights leave less room: 8 KiB of weights in a 9 KiB buffer, the 1 KiB output does not fit
+    e = energy.workload_energy(T45, ET, energy.ReuseModel(onchip_bytes=W + 1000, activations_resident=True))
+    assert e["weights_resident"] and e["offchip_bytes"] == ALL_BYTES - W
+    # precomputed links survive quantization; roles without links are refused with the fix
+    q = energy.op_roles(ET).quantized("int8")
+    assert energy.workload_energy(T45, q, energy.ReuseModel(onchip_bytes=1e6, activations_resident=True))[
+        "offchip_bytes"] == 4 * 8 * 64 + MM_OUT
+    with pytest.raises(CohwError, match="op_roles"):
+        energy.workload_energy(T45, dataclasses.replace(q, links=None),
+                               energy.ReuseModel(onchip_bytes=1e6, activations_resident=True))
+
+
 def test_quantization_by_hand():
     r = energy.op_roles(ET)
     q8 = r.quantized("int8")
@@ -224,7 +288,7 @@ def test_whatif_table_on_a_toy():
     w = estimates.whatifs(energy.op_roles(ET), T45, chip)
     assert list(w.index) == ["baseline", "int8 weights (W8A16)", "int4 weights (W4A16, g128)",
                              "int8 weights and activations (W8A8)", "fusion (intermediates on chip)",
-                             "processing in memory (weights)"]
+                             "cache-resident activations (fusing compiler)", "processing in memory (weights)"]
     assert w.loc["baseline", "energy_vs_baseline"] == 1 and w.loc["baseline", "unit"] == "run"
     assert w.loc["int8 weights (W8A16)", "offchip_MB_per_unit"] == pytest.approx((ALL_BYTES - W + W / 4) / 1e6)
     # PIM at the interface's bandwidth: less energy, the same time
@@ -286,6 +350,31 @@ def test_batch_amortises_weights_and_kv_in_place():
     assert not memory_budget.fits(tight, need) and memory_budget.fits(tight, need, reserve_fraction=0)
     assert not estimates.decode_batch_sweep("llama-2-7b", [1], table, hw=tight, seq_len=64).fits_memory.item()
     assert isinstance(figures.fig_energy_vs_batch({"7nm": sweep}), Figure)
+
+
+def test_cache_resident_activations_on_real_phases():
+    t7 = energy.EnergyTable.load("7nm-hbm2e")
+    resident = energy.ReuseModel(activations_resident=True)
+    # ViT-B/16 at batch 1: every intermediate (at most 1.2 MB) fits H100's L2, so what is left
+    # off-chip is the 173 MB of fp16 weights (too many to stay resident), the image and the logits
+    vit = estimates.phase_roles("vit-b-16", "forward")
+    e = energy.workload_energy(t7, vit, resident, H100)
+    assert not e["weights_resident"]
+    assert e["offchip_bytes"] == pytest.approx(vit.weight_bytes + 3 * 224 * 224 * 2, rel=1e-3)
+    eager = energy.workload_energy(t7, vit, hw=H100)
+    assert e["offchip_bytes"] < 0.6 * eager["offchip_bytes"] and e["memory_share"] < eager["memory_share"]
+    # Llama decode: the KV cache is read and written off-chip whatever the buffer holds
+    dec = energy.op_roles(analyze("llama-2-7b", "decode", seq_len=64, cache="dynamic"))
+    kv_cache = 2 * 32 * 64 * 4096 * 2  # K and V, 32 layers, 64 past tokens, fp16
+    e = energy.workload_energy(t7, dec, energy.ReuseModel(activations_resident=True, kv_in_place=True), H100)
+    assert e["offchip_bytes"] >= dec.weight_bytes + kv_cache
+    assert e["offchip_bytes"] < dec.weight_bytes + 1.2 * kv_cache + 1e6
+    # prefill writes the cache (a dynamic cache's first cat) off-chip; attention reads it on chip
+    pre = energy.op_roles(analyze("llama-2-7b", "prefill", seq_len=64, cache="dynamic"))
+    assert pre.kv_store.sum() == 2 * 32 and pre.kv_append.sum() == 0
+    e = energy.workload_energy(t7, pre, resident, H100)
+    logits = 64 * 32000 * 2
+    assert e["offchip_bytes"] == pytest.approx(pre.weight_bytes + kv_cache + logits, rel=2e-3)
 
 
 def test_figures():

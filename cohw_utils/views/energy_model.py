@@ -52,6 +52,20 @@ also staged through the **local SRAM** next to the arithmetic units (8 KB-class)
   updates and other data movement still go off-chip. ``kv_in_place=True`` replaces a KV-cache
   append written as ``torch.cat(cache, new)`` (which re-reads and re-writes the whole cache each
   step) by an in-place write of the new entries, as paged-attention serving engines do.
+* **Cache-resident activations** (``activations_resident=True``): what a fusing compiler with a
+  large L2 does. Every activation tensor an op of the phase writes and a later op reads stays on
+  chip (on-chip buffer, never written to or read from off-chip) if it fits: its bytes are at most
+  ``onchip_bytes`` (less the weights, when they are resident). Off-chip still: the phase's inputs
+  and the parameters that are not weights (no producer in the phase), its outputs (written, never
+  read), tensors larger than the buffer, and the KV cache: a KV-cache write (``cat``,
+  ``index_copy_``, a dynamic cache's first ``cat`` onto an empty tensor in prefill) goes
+  off-chip, and a later read of the cache reads the past entries off-chip and only the new
+  entries, still on chip, from the buffer. The op table records no tensor identities, so a
+  tensor's producer is found by shape (:mod:`cohw_utils.views.tensor_links` says how, and
+  where that errs); each tensor is tested against the buffer alone (not the set live at once,
+  which a compiler's schedule keeps small). It replaces the ``fusion`` rule (``fusion`` is then
+  ignored), which keeps only element-wise work on chip and sends every contraction's
+  activations off-chip.
 * **Processing in memory** (``pim=True``): off-chip weight reads are consumed by compute in the
   memory and do not cross the interface; they cost ``pim_read_fraction`` of the off-chip energy
   per byte (cell activation and in-die movement; the I/O is saved) and skip the local SRAM. The
@@ -96,6 +110,7 @@ from cohw_utils.core.errors import CohwError, DataFileError
 from cohw_utils.hardware import Hardware
 from cohw_utils.spine.costs import CONTRACTION, ELEMENTWISE, NORMALIZATION
 from cohw_utils.views.roofline import roofline_summary
+from cohw_utils.views.tensor_links import TensorLinks, tensor_links
 
 __all__ = [
     "EnergyDataError", "load_energy_data", "EnergyTable", "PRESETS", "ReuseModel", "OpRoles",
@@ -307,6 +322,7 @@ class ReuseModel:
 
     onchip_bytes: float | None = None
     fusion: bool = False
+    activations_resident: bool = False
     pim: bool = False
     kv_in_place: bool = False
     weights_resident: str | bool = "auto"
@@ -351,16 +367,24 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def _weight_read(op: str, module_class: str, shapes: tuple, dtype: str, written: float) -> float:
-    """Bytes of parameter tensors an op reads (see the module docstring for the rules)."""
+def _weight_inputs(op: str, module_class: str) -> tuple[int, ...]:
+    """Input positions of an op that are weights (see the module docstring for the rules)."""
     cls = module_class or ""
     if op in _GATHER_WEIGHT_OPS:
-        return written  # the gathered rows
+        return (0,)
     if op in _LINEAR_OPS and ("Linear" in cls or cls == "Conv1D"):
-        idx = _LINEAR_OPS[op]
-    elif op in _CONV_OPS and "Conv" in cls:
-        idx = (1, 2)
-    else:
+        return _LINEAR_OPS[op]
+    if op in _CONV_OPS and "Conv" in cls:
+        return (1, 2)
+    return ()
+
+
+def _weight_read(op: str, module_class: str, shapes: tuple, dtype: str, written: float) -> float:
+    """Bytes of parameter tensors an op reads (see the module docstring for the rules)."""
+    if op in _GATHER_WEIGHT_OPS:
+        return written  # the gathered rows
+    idx = _weight_inputs(op, module_class)
+    if not idx:
         return 0.0
     try:
         esize = bytes_per_element(dtype)
@@ -384,6 +408,13 @@ def _is_kv_append(op: str, module_class: str, shapes: tuple) -> bool:
     return False
 
 
+def _is_kv_store(op: str, module_class: str, shapes: tuple) -> bool:
+    """A dynamic cache's first write: ``torch.cat([empty, new])`` inside an attention module
+    (HF ``DynamicCache`` in prefill), which :func:`_is_kv_append` does not count as an append."""
+    return ("Attention" in (module_class or "") and op == "aten.cat.default" and len(shapes) == 2
+            and _numel(shapes[0]) == 0 and len(shapes[1]) == 4)
+
+
 @dataclass
 class OpRoles:
     """Per-row arrays of one op table, split by role, ready for :func:`workload_energy`.
@@ -391,7 +422,9 @@ class OpRoles:
     Bytes: ``weight_read`` (parameter bytes read), ``act_read`` (other bytes read),
     ``written``; ``fusable`` marks element-wise/normalization/cast rows; ``kv_append`` marks
     KV-cache appends (``cat`` of a dynamic cache, ``index_copy_`` of a static one) and ``kv_new``
-    their new-entry bytes (the ``kv_in_place`` what-if charges only these; a static cache already does). ``macs`` and ``other_flops``
+    their new-entry bytes (the ``kv_in_place`` what-if charges only these; a static cache already does);
+    ``kv_store`` marks a dynamic cache's first write in prefill, and ``links`` are the producer
+    links (:mod:`cohw_utils.views.tensor_links`) the ``activations_resident`` model reads. ``macs`` and ``other_flops``
     (FLOPs that are not half of a MAC) by row, ``dtype`` the short dtype name per row.
     ``aux_flops`` are (de)quantization multiplies a what-if adds, charged in ``aux_dtype`` (the
     original dtype). ``units``/``unit_name`` come from the phase when built from an
@@ -415,10 +448,14 @@ class OpRoles:
     notes: tuple[str, ...] = ()
     aux_flops: np.ndarray | None = None
     aux_dtype: np.ndarray | None = None
+    kv_store: np.ndarray | None = None
+    links: TensorLinks | None = None
 
     def __post_init__(self) -> None:
         if self.aux_flops is None:
             self.aux_flops = np.zeros(len(self.macs))
+        if self.kv_store is None:
+            self.kv_store = np.zeros(len(self.macs), dtype=bool)
         if self.aux_dtype is None:
             self.aux_dtype = self.dtype
 
@@ -504,8 +541,11 @@ def op_roles(source: Any, label: str = "") -> OpRoles:
                        zip(ops, classes, shapes, dtype_short, written)], dtype=float)
     weight = np.minimum(weight, read) * costed
     kv = np.array([_is_kv_append(o, c, s) for o, c, s in zip(ops, classes, shapes)], dtype=bool)
+    store = np.array([_is_kv_store(o, c, s) for o, c, s in zip(ops, classes, shapes)], dtype=bool)
     kv_new = np.array([_numel(s[-1]) * _esize(d) if k else 0.0
-                       for k, s, d in zip(kv, shapes, dtype_short)], dtype=float)
+                       for k, s, d in zip(kv | store, shapes, dtype_short)], dtype=float)
+    links = tensor_links(t, [_weight_inputs(o, c) if w > 0 else () for o, c, w in zip(ops, classes, weight)],
+                         [_esize(d) for d in dtype_short])
     op_class = t["op_class"].to_numpy()
     fusable = np.isin(op_class, list(_FUSABLE_CLASSES)) | np.isin(ops, list(_FUSABLE_OPS))
     notes = []
@@ -515,7 +555,7 @@ def op_roles(source: Any, label: str = "") -> OpRoles:
                    macs=macs, other_flops=np.maximum(flops - 2 * macs, 0.0), weight_read=weight,
                    act_read=read - weight, written=written, fusable=fusable & costed,
                    kv_append=kv, kv_new=kv_new, units=units, unit_name=unit_name, label=label,
-                   notes=tuple(notes))
+                   notes=tuple(notes), kv_store=store, links=links)
 
 
 def _as_roles(et: Any) -> OpRoles:
@@ -540,12 +580,43 @@ def _split(roles: OpRoles, model: ReuseModel) -> dict[str, np.ndarray | bool]:
     if model.kv_in_place:
         act_r = np.where(roles.kv_append, roles.kv_new, act_r)
         act_w = np.where(roles.kv_append, roles.kv_new, act_w)
+    if model.activations_resident:
+        read_on, write_on = _resident_activations(roles, act_r, act_w, onchip - float(w_buf.sum()),
+                                                  model.kv_in_place)
+        return {"w_buf": w_buf, "w_off": w_off, "w_pim": w_pim, "resident": resident,
+                "a_read_off": act_r - read_on, "a_write_off": act_w - write_on,
+                "a_buf": read_on + write_on,
+                "fused": (read_on + write_on > 0) & (read_on + write_on >= act_r + act_w)}
     fused = np.zeros(len(w), dtype=bool)
     if model.fusion:
         fused = roles.fusable & ((roles.act_read + roles.written + w) <= onchip)
     return {"w_buf": w_buf, "w_off": w_off, "w_pim": w_pim, "resident": resident,
             "a_read_off": np.where(fused, 0.0, act_r), "a_write_off": np.where(fused, 0.0, act_w),
             "a_buf": np.where(fused, act_r + act_w, 0.0), "fused": fused}
+
+
+def _resident_activations(roles: OpRoles, act_r: np.ndarray, act_w: np.ndarray, capacity: float,
+                          kv_in_place: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes read and written on chip per row under ``activations_resident`` (module docstring):
+    a row's output stays if it is read later, fits ``capacity`` and is no KV-cache write; a
+    read is on chip in the share of its inputs whose producer kept them (a KV write keeps its
+    new entries, ``kv_new`` of the cache it writes; an in-place append reads only those)."""
+    links = roles.links
+    if links is None:
+        raise CohwError("activations_resident=True needs OpRoles built by op_roles (they carry the "
+                        "producer links); call energy_model.op_roles(table)")
+    n = len(act_w)
+    kv = roles.kv_append | roles.kv_store
+    kept = links.consumed & ~kv & (act_w > 0) & (act_w <= capacity)
+    new_share = np.divide(roles.kv_new, links.out_nominal, out=np.zeros(n), where=links.out_nominal > 0)
+    frac = np.where(kv, np.where(roles.kv_new <= capacity, np.minimum(new_share, 1.0), 0.0), kept * 1.0)
+    root = np.where(links.in_root < 0, n, links.in_root)
+    on_share = np.bincount(links.in_row, weights=links.in_share * np.append(frac, 0.0)[root], minlength=n)
+    read_on = act_r * np.minimum(on_share, 1.0)
+    if kv_in_place:  # the append reads just its new entries: on chip where their producer kept them
+        new_on = np.append(frac, 0.0)[np.where(links.last_root < 0, n, links.last_root)]
+        read_on = np.where(roles.kv_append, act_r * new_on, read_on)
+    return read_on, np.where(kept, act_w, 0.0)
 
 
 def workload_energy(table: EnergyTable, et: Any, model: ReuseModel | None = None,

@@ -112,7 +112,10 @@ def whatifs(base: OpRoles, table: EnergyTable, hw: Hardware, model: ReuseModel |
             batch_roles: OpRoles | None = None, batch: int | None = None) -> pd.DataFrame:
     """The what-if table for one phase: energy and roofline time per unit against the baseline
     for int8 / int4 weight-only quantization, W8A8, a larger batch (``batch_roles`` traced at
-    ``batch``), fusion, and processing in memory (at the model's ``pim_bw_x``)."""
+    ``batch``), fusion (element-wise epilogues), cache-resident activations (every intermediate
+    that fits the on-chip buffer, ``ReuseModel(activations_resident=True)``), and processing in
+    memory (at the model's ``pim_bw_x``). Each case changes one field of ``model``; a ``model``
+    with ``activations_resident=True`` makes every case a compiled one."""
     m = model or ReuseModel()
     cases: list[tuple[str, OpRoles, ReuseModel]] = [
         ("baseline", base, m),
@@ -123,6 +126,8 @@ def whatifs(base: OpRoles, table: EnergyTable, hw: Hardware, model: ReuseModel |
     if batch_roles is not None:
         cases.append((f"batch {batch}", batch_roles, m))
     cases += [("fusion (intermediates on chip)", base, dataclasses.replace(m, fusion=True)),
+              ("cache-resident activations (fusing compiler)", base,
+               dataclasses.replace(m, activations_resident=True)),
               ("processing in memory (weights)", base, dataclasses.replace(m, pim=True))]
     rows = []
     for name, roles, mm in cases:
