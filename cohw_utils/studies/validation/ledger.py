@@ -217,7 +217,7 @@ def fit_calibration(rows: list[RowTimes], min_vendor_rows: int = 6) -> Calibrati
     """Fit :class:`Calibration` on ``rows`` (the calibration split; module docstring)."""
     from scipy.optimize import least_squares  # bounded nonlinear least squares: no need to write one
 
-    multi = [str(r.row["id"]) for r in rows if int(r.row["devices"]) > 1]
+    multi = [str(r.row["id"]) for r in rows if float(r.row.get("devices", 1) or 1) > 1]  # a synthetic row: one chip
     if multi:
         raise CohwError(f"fit_calibration takes one-chip rows only; {multi[:3]} are multi-device (pick the rows "
                         "with calibration_rows(ledger))")
@@ -328,9 +328,10 @@ def load_peers(path: str | None = None) -> pd.DataFrame:
     return read_table(path or "predictor_peers.csv", PEER_COLUMNS, keep_default_na=False)
 
 
-def fig_predicted_vs_measured(errors: pd.DataFrame):
+def fig_predicted_vs_measured(errors: pd.DataFrame, title: str | None = None):
     """Predicted against measured on log-log axes: ideal (hollow) and calibrated (filled), one
-    panel per metric family (throughput; times), held-out rows in colour."""
+    panel per metric family (throughput; times), held-out rows in colour (``errors`` from
+    :func:`ledger_errors` or :func:`~cohw_utils.studies.validation.multidevice.multi_device_errors`)."""
     import matplotlib.pyplot as plt
 
     fams = [("throughput (tokens/s)", errors["metric"].str.startswith("tokens")),
@@ -355,6 +356,6 @@ def fig_predicted_vs_measured(errors: pd.DataFrame):
             ax.plot([lo, hi], [lo / 1.15, hi / 1.15], "k:", lw=0.6)
         ax.set(xscale="log", yscale="log", xlabel=f"measured {title}", ylabel=f"predicted {title}", title=title)
     axes[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle("Predicted vs measured, ledger rows one device can cover (dotted: +/-15%)")
+    fig.suptitle(title or "Predicted vs measured, ledger rows one device can cover (dotted: +/-15%)")
     fig.tight_layout()
     return fig
