@@ -33,12 +33,11 @@ browser-deps:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 # The whole test suite: unit tests, every notebook under papermill with the small CI
-# parameters, nbval on the outputs notebooks mark for checking, a warning-free Sphinx build
+# parameters (the outputs notebooks mark for checking compared with their references), a warning-free Sphinx build
 # of the executed smoke notebooks, that build opened page by page in headless Chromium, and last
 # a check that the tree the tests leave behind still builds as the book (no stray pages).
 test: $(STAMP) browser-deps
 	$(PY) -m pytest tests -q --ignore=tests/browser
-	COHW_SMOKE=1 $(PY) -m pytest --nbval-lax chapters -q
 	$(PY) tools/smoke_book.py
 	$(PY) -m pytest tests/browser -q
 	$(PY) tools/check_book_sources.py

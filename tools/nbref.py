@@ -1,11 +1,11 @@
-"""Refresh the reference outputs that nbval checks, and strip everything else.
+"""Refresh the reference outputs that tests/test_notebooks.py checks, and strip everything else.
 
 Usage: ``python tools/nbref.py chapters/01_proxy_workloads.ipynb [...]``
 
 Executes each notebook in the smoke configuration (``COHW_SMOKE=1``), then keeps the outputs
 of cells whose source contains ``# NBVAL_CHECK_OUTPUT`` (deterministic numbers: parameter
 counts, FLOPs, bytes) and clears all other outputs and execution counts. The committed
-notebook thus carries exactly the references ``pytest --nbval-lax`` compares against.
+notebook thus carries exactly the references the papermill smoke run is compared against (as ``pytest --nbval-lax`` would).
 """
 from __future__ import annotations
 
