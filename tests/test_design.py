@@ -102,8 +102,10 @@ def test_matrix_unit_slows_small_m_contractions(decode):
     t_ideal = op_times.design_op_times(ideal, p)
     t_arr = op_times.design_op_times(array, p)
     mm = (p.table["op"] == "aten.mm.default").to_numpy()
-    # decode at batch 1: M = 1, so a weight-stationary 128x128 array fills and drains for one row
+    # decode at batch 1: M = 1, so even double-buffered a weight-stationary 128x128 array waits on
+    # its weight loads (128 cycles per tile for one row): utilization about 1/128
     assert (t_arr["t_compute"].to_numpy()[mm] > 100 * t_ideal["t_compute"].to_numpy()[mm]).all()
+    assert (t_arr["t_compute"].to_numpy()[mm] < 140 * t_ideal["t_compute"].to_numpy()[mm]).all()
     assert t_arr["time"].sum() >= t_ideal["time"].sum()
 
 
@@ -463,3 +465,21 @@ def test_format_rates_are_each_generations_own():
     assert np.isnan(r.loc["A100-80GB", "fp8"]) and np.isnan(r.loc["H100-SXM", "int4"])   # Hopper: no INT4
     assert r.loc["H100-SXM", "fp8"] == pytest.approx(2.0, rel=1e-3)
     assert r.loc["parametric design", "int4"] == 4.0
+
+
+def test_resident_activations_move_bytes_from_hbm_to_sram(vit):
+    ref = acc.from_hardware("H100-SXM")
+    ph = prepare(vit)
+    plain = sweep.evaluate_designs(ref, ph, TABLE, quantize=False).iloc[0]
+    fused = sweep.evaluate_designs(ref, ph, TABLE, quantize=False, resident_activations=True).iloc[0]
+    moved = plain.bytes_hbm - fused.bytes_hbm
+    assert moved > 0 and fused.bytes_sram - plain.bytes_sram == pytest.approx(moved)   # bytes conserved
+    assert fused.time_s <= plain.time_s and fused.energy_J < plain.energy_J
+    # what moved is what the energy model's cache-resident rule keeps on chip (weights off chip: 50 MB < 173 MB)
+    m = energy.ReuseModel(onchip_bytes=ref.sram_bytes, weights_resident=False, activations_resident=True)
+    split = energy._split(energy.op_roles(vit), m)
+    assert 0 < moved <= split["a_buf"].sum() * (1 + 1e-9)   # at most its bytes (K/V inputs stay KV rows)
+    no_sram = ref.replace(name="no sram", sram_bytes=0.0)
+    a = sweep.evaluate_designs(no_sram, ph, TABLE, quantize=False).iloc[0]
+    b = sweep.evaluate_designs(no_sram, ph, TABLE, quantize=False, resident_activations=True).iloc[0]
+    assert a.time_s == b.time_s and a.bytes_hbm == b.bytes_hbm                           # nowhere to keep them

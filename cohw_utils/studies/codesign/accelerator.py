@@ -20,7 +20,8 @@ Units are SI per chip: FLOP/s, bytes, bytes/s.
   unlimited capacity). :data:`RESOURCES` names what can bind an op: compute or one of the tiers.
 * ``matrix_unit``: ``None`` (the roofline's ideal matrix peak) or ``(rows, cols)`` of a
   weight-stationary systolic array; then every forward contraction runs at the array's
-  utilization from :mod:`cohw_utils.views.systolic` (fill, drain and padding included).
+  utilization from :mod:`cohw_utils.views.systolic` (padding, one fill and drain, and
+  double-buffered weight loads included).
 * ``weight_bits``: the narrowest weight format the datapath reads natively (16, 8 or 4),
   from the formats it has.
 

@@ -41,11 +41,14 @@ __all__ = ["matrix_utilization", "efficiency_factors", "design_op_times"]
 def matrix_utilization(p: PreparedPhase, shape: tuple[int, int] | None) -> np.ndarray:
     """Per-row utilization (0-1) of a weight-stationary ``shape`` = (rows, cols) systolic array on
     ``p``'s op rows: MACs / (rows x cols x cycles) of each forward contraction, 1 for every other
-    row and for ``shape=None`` (the ideal matrix peak). Cached on the phase."""
+    row and for ``shape=None`` (the ideal matrix peak). The array double-buffers its weights, as
+    a TPU-class array does (:func:`cohw_utils.views.systolic.cycles` with ``double_buffer=True``:
+    the next tile loads while the current one streams), so a batch-M decode is bound by the
+    weight-load rate, M/rows, not by every tile's fill and drain. Cached on the phase."""
     n = len(p.table)
     if shape is None:
         return np.ones(n)
-    key = ("util", tuple(shape))
+    key = ("util", tuple(shape), "double-buffered")
     if key not in p._cache:
         try:
             from cohw_utils.views import systolic
@@ -62,7 +65,8 @@ def matrix_utilization(p: PreparedPhase, shape: tuple[int, int] | None) -> np.nd
                 continue
             gemms = systolic._row_gemms(op, ins, outs)  # noqa: SLF001 - the chapter 4 GEMM extraction
             macs = sum(g.M * g.K * g.N * g.count for _, g in gemms)
-            cyc = sum(systolic.cycles(int(g.M), int(g.K), int(g.N), r, c, "ws") * g.count for _, g in gemms)
+            cyc = sum(systolic.cycles(int(g.M), int(g.K), int(g.N), r, c, "ws", double_buffer=True) * g.count
+                      for _, g in gemms)
             if macs and cyc:
                 util[i] = macs / (r * c * cyc)
         p._cache[key] = util

@@ -44,20 +44,40 @@ from cohw_utils.studies.codesign.power import PowerModel, apply_power
 __all__ = ["evaluate_designs", "design_grid", "design_params", "sweep_designs"]
 
 
-def _compressed(p: PreparedPhase, variant: str, shape: tuple[int, int] | None, model: Any) -> dict[str, np.ndarray]:
-    """Distinct op rows of a variant with their multiplicities."""
-    key = ("rows", variant, tuple(shape) if shape else None, id(model))
+def _resident_act(p: PreparedPhase, variant: str, onchip: float | None) -> np.ndarray:
+    """Per row, the activation bytes a fusing compiler keeps in ``onchip`` bytes of SRAM
+    (:class:`~cohw_utils.views.energy_model.ReuseModel`'s ``activations_resident`` rule, at most
+    the row's other-activation bytes); zeros when ``onchip`` is None."""
+    r = p.rows(variant)
+    if onchip is None:
+        return np.zeros(len(r.act))
+    roles = r.roles
+    act_r, act_w = roles.act_read, roles.written
+    if p.kv_in_place:
+        act_r = np.where(roles.kv_append, roles.kv_new, act_r)
+        act_w = np.where(roles.kv_append, roles.kv_new, act_w)
+    read_on, write_on = energy._resident_activations(roles, act_r, act_w, onchip, p.kv_in_place)  # noqa: SLF001
+    return np.minimum(read_on + write_on, r.act)
+
+
+def _compressed(p: PreparedPhase, variant: str, shape: tuple[int, int] | None, model: Any,
+                onchip: float | None = None) -> dict[str, np.ndarray]:
+    """Distinct op rows of a variant with their multiplicities; with ``onchip``, each row's
+    activation bytes split into off-chip (``A``) and kept on chip (``A_on``)."""
+    key = ("rows", variant, tuple(shape) if shape else None, id(model), onchip)
     if key in p._cache:
         return p._cache[key]
     r = p.rows(variant)
+    a_on = _resident_act(p, variant, onchip)
     util = matrix_utilization(p, shape)
     keys = sorted(set(r.key))
     kidx = np.array([keys.index(k) for k in r.key], dtype=float)
     e, b, t0 = efficiency_factors(r.group, model)
     costed = p.table["costed"].to_numpy(dtype=bool)
-    mat = np.column_stack([r.flops / (util * e), r.w / b, r.kv / b, r.act / b, kidx, t0, costed.astype(float)])
+    mat = np.column_stack([r.flops / (util * e), r.w / b, r.kv / b, (r.act - a_on) / b, kidx, t0,
+                           costed.astype(float), a_on / b])
     uniq, inv, counts = np.unique(mat, axis=0, return_inverse=True, return_counts=True)
-    out = {"F": uniq[:, 0], "W": uniq[:, 1], "KV": uniq[:, 2], "A": uniq[:, 3],
+    out = {"F": uniq[:, 0], "W": uniq[:, 1], "KV": uniq[:, 2], "A": uniq[:, 3], "A_on": uniq[:, 7],
            "key": uniq[:, 4].astype(int), "t0": uniq[:, 5] * uniq[:, 6], "n": counts.astype(float),
            "keys": keys, "ideal_flops": float(r.flops.sum())}
     p._cache[key] = out
@@ -92,7 +112,7 @@ def evaluate_designs(designs: Accelerator | Sequence[Accelerator],
                      phases: PreparedPhase | Sequence[PreparedPhase],
                      table: energy.EnergyTable | None = None, quantize: bool = True, spill: str = "weights",
                      efficiency: Any = None, cost: CostModel | None = None,
-                     power: PowerModel | None = None) -> pd.DataFrame:
+                     power: PowerModel | None = None, resident_activations: bool = False) -> pd.DataFrame:
     """Every design on every phase: one row per (design, phase).
 
     Columns: ``design``, ``phase`` (label), ``workload``, ``klass``, ``variant`` (weight format
@@ -106,6 +126,10 @@ def evaluate_designs(designs: Accelerator | Sequence[Accelerator],
     :class:`~cohw_utils.studies.codesign.power.PowerModel`), static power and the power cap
     apply (:func:`~cohw_utils.studies.codesign.power.apply_power`: its columns are added and the
     times and energies are the capped ones); without, energy is dynamic and nothing is capped.
+    ``resident_activations=True`` models a fusing compiler: every intermediate activation a later
+    op reads and that fits the SRAM the design's resident weights and KV cache leave stays in
+    SRAM (:class:`~cohw_utils.views.energy_model.ReuseModel`'s ``activations_resident`` rule,
+    producers found by shape); by default every activation goes to main memory (unfused).
     """
     ds = [designs] if isinstance(designs, Accelerator) else list(designs)
     ps = [phases] if isinstance(phases, PreparedPhase) else list(phases)
@@ -123,22 +147,26 @@ def evaluate_designs(designs: Accelerator | Sequence[Accelerator],
     for p in ps:
         var = np.array([p.variant_for(d.weight_bits, quantize) for d in ds], dtype=object)
         shapes = [d.matrix_unit for d in ds]
+        places = [placement(p.rows(v).weight_footprint, p.kv_bytes, d.sram_bytes, d.hbm_bytes, d.slow_bytes, spill)
+                  for v, d in zip(var, ds)]
         groups: dict[tuple, list[int]] = {}
         for i, (v, s) in enumerate(zip(var, shapes)):
-            groups.setdefault((v, tuple(s) if s else None), []).append(i)
+            room = None
+            if resident_activations:  # the SRAM left beside resident weights and KV cache
+                fw0, fkv0 = places[i][0][0], places[i][1][0]
+                room = max(0.0, ds[i].sram_bytes - fw0 * p.rows(v).weight_footprint - fkv0 * p.kv_bytes)
+            groups.setdefault((v, tuple(s) if s else None, room), []).append(i)
         res = {k: np.zeros(len(ds)) for k in ("time", "energy", "t_ideal", "t_main", *[f"b_{t}" for t in TIERS],
                                               *[f"s_{r}" for r in RESOURCES], "spilled", "fits", "resident")}
-        for (v, s), idx in groups.items():
+        for (v, s, room), idx in groups.items():
             idx = np.array(idx)
-            c = _compressed(p, v, s, efficiency)
+            c = _compressed(p, v, s, efficiency, room)
             foot_w = p.rows(v).weight_footprint
             fw = np.zeros((len(idx), 4))
             fkv = np.zeros((len(idx), 4))
             resident = np.zeros(len(idx), dtype=bool)
             for j, i in enumerate(idx):
-                d = ds[i]
-                fw[j], fkv[j], resident[j] = placement(foot_w, p.kv_bytes, d.sram_bytes, d.hbm_bytes,
-                                                       d.slow_bytes, spill)
+                fw[j], fkv[j], resident[j] = places[i]
             peaks = np.array([[ds[i].peak(k) for k in c["keys"]] for i in idx])  # (D, K)
             t_c = c["F"][None, :] / peaks[:, c["key"]]
             main = arr["main"][idx]
@@ -146,7 +174,7 @@ def evaluate_designs(designs: Accelerator | Sequence[Accelerator],
             tier_bytes = []
             for t in range(4):
                 b = (c["W"][None, :] * fw[:, t:t + 1] + c["KV"][None, :] * fkv[:, t:t + 1]
-                     + c["A"][None, :] * (main == t)[:, None])
+                     + c["A"][None, :] * (main == t)[:, None] + c["A_on"][None, :] * (t == 0))
                 bw = arr["bw"][idx, t][:, None]
                 with np.errstate(divide="ignore", invalid="ignore"):
                     tt = np.where(b > 0, b / np.where(bw > 0, bw, 1.0), 0.0)
