@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cohw_utils.core.errors import CohwError
-from cohw_utils.studies.quantization.blocks import INPUT_GROUPS, block_linears, decoder_layers
+from cohw_utils.studies.quantization.blocks import (INPUT_GROUPS, block_linears, decoder_layers, feed_windows,
+                                                    submodule_path as _short_path)
 
 #: torch's fp8 dtypes by format name, with their largest finite magnitude.
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -162,13 +163,7 @@ def activation_maxima(model: nn.Module, windows: torch.Tensor, batch: int = 8) -
             torch.maximum(out[name], x.abs().amax(dim=0), out=out[name])
         return grab
 
-    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in lins.items()]
-    try:
-        for i in range(0, len(windows), batch):
-            model(input_ids=windows[i:i + batch], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    feed_windows(model, windows, batch, [m.register_forward_pre_hook(hook(n)) for n, m in lins.items()])
     return out
 
 
@@ -209,13 +204,6 @@ def smooth_lm(model: nn.Module, act_max: dict[str, torch.Tensor], alpha: float =
                 m.weight.mul_(s[None, :])
                 scales[paths[n]] = s
     return scales
-
-
-def _short_path(layer: nn.Module, short: str) -> str:
-    for n, _ in layer.named_modules():
-        if n.rsplit(".", 1)[-1] == short:
-            return n
-    raise CohwError(f"decoder block has no submodule {short!r}; pass a Llama-style causal LM")
 
 
 def swap_in_act_quant(model: nn.Module, act: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cohw_utils.core.errors import CohwError
+from cohw_utils.studies.quantization.blocks import submodule_path as _path
 from cohw_utils.studies.quantization.blocks import (INPUT_GROUPS, InputStats, block_inputs, collect_stats,
                                                     decoder_layers, output_error, run_block)
 from cohw_utils.studies.quantization.schemes import Scheme, quantize_rtn
@@ -92,13 +92,6 @@ def awq_scale_block(layer: nn.Module, stats: dict[str, InputStats], sch: Scheme,
     return alphas
 
 
-def _path(layer: nn.Module, short: str) -> str:
-    for n, _ in layer.named_modules():
-        if n.rsplit(".", 1)[-1] == short:
-            return n
-    raise CohwError(f"decoder block has no submodule {short!r}")
-
-
 @torch.no_grad()
 def awq_lm(model: nn.Module, calib: torch.Tensor, sch: Scheme, batch: int = 8, n_grid: int = 20) -> dict[str, Any]:
     """AWQ scaling of every decoder block of ``model`` in place (weights stay fp32; quantize
@@ -119,4 +112,3 @@ def awq_lm(model: nn.Module, calib: torch.Tensor, sch: Scheme, batch: int = 8, n
         states = run_block(layer, states, kwargs)
     return {"alpha": alphas, "input_scale": scales, "output_scale": outs, "search": search,
             "calibration_tokens": int(calib.numel())}
-

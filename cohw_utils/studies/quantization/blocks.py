@@ -164,11 +164,26 @@ def input_second_moments(model: nn.Module, windows: torch.Tensor, batch: int = 8
             k = m.in_features
             stats[key] = InputStats(torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64))
             hooks.append(m.register_forward_pre_hook(lambda mod, args, st=stats[key]: st.add(args[0])))
+    feed_windows(model, windows, batch, hooks)
+    return {name: stats[owner[name]].H for name in lins}
+
+
+def feed_windows(model: nn.Module, windows: torch.Tensor, batch: int, hooks: list) -> None:
+    """Run ``model`` over ``windows`` (token ids, one window per row) ``batch`` rows at a time,
+    without a KV cache, then remove ``hooks`` (forward hooks that collect statistics), even on error."""
     try:
         for i in range(0, len(windows), batch):
             model(input_ids=windows[i:i + batch], use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    return {name: stats[owner[name]].H for name in lins}
+
+
+def submodule_path(layer: nn.Module, short: str) -> str:
+    """The path inside decoder ``layer`` of the submodule whose name ends in ``short``
+    (``"q_proj"`` -> ``"self_attn.q_proj"``)."""
+    for n, _ in layer.named_modules():
+        if n.rsplit(".", 1)[-1] == short:
+            return n
+    raise CohwError(f"decoder block has no submodule {short!r}; pass a Llama-style causal LM")
 
