@@ -155,3 +155,17 @@ def test_predict_command_takes_a_tensor_parallel_degree(capsys):
                  "--input-len", "16", "--output-len", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["tp"] == 2 and out["decode comm (ms)"] > 0 and out["tokens/s per device"] == pytest.approx(out["tokens/s"] / 2)
+
+
+def test_a_c10d_collective_reads_its_group_size_from_the_process_group_object():
+    import torch
+    import torch.distributed as dist
+    from cohw_utils.spine.shard import collective_rows, fake_world
+    from cohw_utils.spine.trace import trace
+
+    with fake_world(4):
+        x = torch.ones(8, 8)
+        table = trace(lambda: dist.all_reduce(x), phase="x")   # c10d.allreduce_ passes a ScriptObject group
+    rows = collective_rows(table)
+    assert table.attrs["collectives"][0]["group_size"] == 4
+    assert rows.loc[rows.op.str.startswith("c10d.allreduce_"), "group_size"].tolist() == [4]

@@ -279,6 +279,8 @@ def _group_size(args: tuple) -> int:
                 continue
         if isinstance(a, dist.ProcessGroup):
             return a.size()
+        if isinstance(a, torch.ScriptObject) and "c10d.ProcessGroup" in a._type().qualified_name():
+            return dist.ProcessGroup.unbox(a).size()   # how c10d ops pass their group under dispatch
     return 1
 
 
