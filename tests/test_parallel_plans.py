@@ -124,19 +124,29 @@ def test_validate_plan_errors():
             parallel.validate_plan(cfg, **kw)
 
 
-def test_expert_parallel_table_caps_expert_reads_and_adds_all_to_alls():
-    cols = ["op", "module", "module_class", "phase", "pass", "op_class", "input_shapes", "output_shapes", "dtype",
-            "flops", "flops_effective", "macs", "bytes_read", "bytes_written", "intensity", "costed"]
-    # one MoE layer: 4 token-expert rows (2 tokens x k=2) over 8 experts of 16 x 32 bf16
-    row = ["aten._grouped_mm.default", "model.layers.0.mlp.experts", "", "decode", "forward", "contraction",
-           ((4, 16), (8, 16, 32), (8,)), ((4, 32),), "bfloat16", 2 * 4 * 16 * 32, 2 * 4 * 16 * 32, 4 * 16 * 32,
-           4 * 16 * 2 + 4 * 16 * 32 * 2 + 8 * 4, 4 * 32 * 2, 1.0, True]
-    t = pd.DataFrame([row], columns=cols)
-    out = parallel.expert_parallel_table(t, ep=4, experts=8, top_k=2, tokens=2, hidden=16)
-    assert out.at[0, "bytes_read"] == 4 * 16 * 2 + 2 * 16 * 32 * 2 + 8 * 4   # 8 / 4 = 2 experts on the rank, not 4
-    assert out.at[0, "flops"] == 2 * 4 * 16 * 32
-    a2a = out[out["op_class"] == COMMUNICATION]
-    assert len(a2a) == 2 and set(a2a["comm_bytes"]) == {2 * 2 * 16 * 2} and set(a2a["group_size"]) == {4}
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_expert_parallelism_traced_from_the_models_own_plan(phase):
+    """Mixtral-8x7B at ep=8, global batch 16 of 32-token prompts: each rank holds 2 sequences and
+    1 of the 8 experts. By hand, per rank: tokens = 2 x 32 (prefill) or 2 (decode); each of the
+    32 MoE layers all-to-alls the (8 ranks x 1 expert) int64 counts (64 bytes), then tokens x k=2
+    rows of 4096 bf16 out and the same back; its grouped GEMMs run those rows on one expert's
+    weights, so 8 ranks do exactly the unsharded grouped-GEMM FLOPs of the whole batch."""
+    t = per_rank_table("mixtral-8x7b-v0.1", phase, ep=8, batch=16, seq_len=32)
+    tokens = 2 * (32 if phase == "prefill" else 1)
+    comm = t[t["op_class"] == COMMUNICATION]
+    assert t.attrs["parallel"]["ep"] == 8 and len(comm) == 32 * 3 and set(comm["group_size"]) == {8}
+    layer0 = comm[comm["module"] == "model.layers.0.mlp.experts"]
+    assert list(layer0["comm_bytes"]) == [64, tokens * 2 * 4096 * 2, tokens * 2 * 4096 * 2]
+    grouped = t[t["op"].str.startswith("aten._grouped_mm")]
+    assert {s[1][0] for s in grouped["input_shapes"]} == {1}                     # one expert's weights on the rank
+    assert {s[0][0] for s in grouped["input_shapes"]} == {tokens * 2}
+    whole = per_rank_table("mixtral-8x7b-v0.1", phase, batch=16, seq_len=32)
+    whole_grouped = whole[whole["op"].str.startswith("aten._grouped_mm")]
+    assert 8 * grouped["flops"].sum() == whole_grouped["flops"].sum()
+    with pytest.raises(CohwError, match="divide the model's 8 routed experts"):
+        per_rank_table("mixtral-8x7b-v0.1", phase, ep=3, batch=3, seq_len=32)
+    with pytest.raises(CohwError, match="publishes no expert-parallel plan"):
+        per_rank_table("llama-2-7b", phase, ep=2, batch=2, seq_len=32)
 
 
 def test_plan_with_tp_only_is_the_tp_curve():
@@ -174,6 +184,11 @@ def test_predict_command_pipeline_and_data_parallel(capsys):
     assert main(args + ["--json"]) == 0
     one = json.loads(capsys.readouterr().out)
     assert two["tokens/s"] == pytest.approx(2 * one["tokens_per_s"], rel=1e-9) and two["devices"] == 2
+    moe = ["predict", "mixtral-8x7b-v0.1", "--hardware", "H100-SXM", "--input-len", "16", "--output-len", "8"]
+    assert main(moe + ["--ep", "8", "--batch", "8", "--link", "nvlink4-h100", "--json"]) == 0
+    e = json.loads(capsys.readouterr().out)
+    a2a = {r["phase"]: r for r in e["collectives"] if r["kind"] == "all_to_all"}
+    assert e["devices"] == 8 and a2a["decode"]["count"] == 96 and a2a["decode"]["bytes each (largest)"] == 2 * 4096 * 2
     for bad, msg in ((["--dp", "2"], "batch-1 decode"), (["--ep", "2"], "no routed experts"),
                      (["--pp", "64", "--link", "nvlink3-a100"], "more pipeline stages"),
                      (["--pp", "2"], "--link")):

@@ -14,6 +14,18 @@ A full-scale model on ``meta`` is split the way users split it, and traced as *o
   last one normalizes and runs the LM head, the others receive hidden states. The stage's
   receive and send are added as ``c10d.recv_``/``c10d.send`` rows of one microbatch's hidden
   state (batch x tokens x hidden x dtype bytes).
+* **Expert parallelism** (``ep``, mixture-of-experts models): the model's own expert plan
+  (transformers' ``config.base_model_ep_plan``: the routed experts' weights ``grouped_gemm``,
+  sharded on the expert dimension, and the experts module ``ep_dispatch_experts``) is applied
+  with transformers' ``apply_expert_parallelism`` on an ``ep``-rank mesh. Each rank holds
+  ``batch / ep`` sequences for attention and the dense layers ("data-parallel attention") and
+  ``E / ep`` experts; transformers' all-to-all implementation sends each (token, expert) pair to
+  its expert's rank and the results back: per MoE layer one all-to-all of the per-expert counts,
+  one of the tokens (dispatch) and one of the outputs (combine). transformers reads the split
+  sizes back from the device; a ``meta`` tensor has no values, so :class:`_BalancedAllToAll`
+  (registered in transformers' ``EPImplementationInterface``) takes them from *balanced routing*:
+  every rank sends ``tokens x k / ep`` pairs to every rank, spread evenly over its experts. That
+  is the stated assumption; skewed routing makes the busiest rank slower.
 
 What the trace records (:mod:`cohw_utils.spine.trace`): an op on DTensors is left to DTensor,
 so the table holds the *local* op each rank runs (per-rank shapes, so per-rank FLOPs and bytes)
@@ -46,7 +58,7 @@ from cohw_utils.core.opclasses import COMMUNICATION
 from cohw_utils.spine.trace import trace
 from cohw_utils.workloads import build
 
-__all__ = ["ShardError", "TP_STYLES", "fake_world", "model_tp_plan", "apply_tp", "stage_layers",
+__all__ = ["ShardError", "TP_STYLES", "fake_world", "model_tp_plan", "apply_tp", "model_ep_plan", "apply_ep", "stage_layers",
            "per_rank_table", "collective_rows", "comm_debug_counts", "MESSAGE_ARG"]
 
 
@@ -137,7 +149,7 @@ def apply_tp(model: nn.Module, tp: int, plan: dict[str, str] | None = None) -> n
     unknown = sorted({s for s in plan.values() if s not in styles})
     if unknown:
         raise ShardError(f"plan style(s) {unknown} have no torch ParallelStyle here (known: "
-                         f"{', '.join(TP_STYLES)}); MoE expert styles need expert parallelism, not modelled yet")
+                         f"{', '.join(TP_STYLES)}); a mixture of experts' expert styles are applied by apply_ep (ep > 1)")
     config = getattr(model, "config", None)
     _check_heads(config, tp)
     mesh = init_device_mesh("cpu", (tp,))
@@ -147,6 +159,80 @@ def apply_tp(model: nn.Module, tp: int, plan: dict[str, str] | None = None) -> n
         if getattr(config, key, None):
             setattr(config, key, getattr(config, key) // tp)
     return model
+
+
+def model_ep_plan(model: nn.Module) -> dict[str, str]:
+    """The model's own expert-parallel plan, expanded to module and parameter names: name ->
+    style (transformers' ``base_model_ep_plan`` under the base model's prefix)."""
+    config = getattr(model, "config", None)
+    base = dict(getattr(type(config), "base_model_ep_plan", None) or getattr(config, "base_model_ep_plan", None) or {})
+    if not base:
+        raise ShardError(f"{type(model).__name__} publishes no expert-parallel plan (config.base_model_ep_plan is "
+                         "empty): expert parallelism needs a mixture-of-experts model whose transformers class has one")
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    has_prefix = prefix and isinstance(getattr(model, prefix, None), nn.Module)
+    names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
+    plan: dict[str, str] = {}
+    for pattern, style in base.items():
+        rx = re.compile(re.escape(f"{prefix}.{pattern}" if has_prefix else pattern).replace(r"\*", r"[^.]+"))
+        plan.update({n: style for n in names if rx.fullmatch(n)})
+    if not plan:
+        raise ShardError(f"{type(model).__name__}'s expert plan names no module of this model ({sorted(base)})")
+    return plan
+
+
+def _balanced_all_to_all() -> type:
+    """transformers' ``AllToAllEP`` with its one host sync (the split sizes, read from the
+    routing's values) replaced by balanced routing's sizes, so it runs on ``meta`` (module
+    docstring). The rest (sort by expert, gather, the counts', tokens' and outputs' all-to-alls,
+    the combine) is the library's."""
+    from torch.distributed import all_to_all_single
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
+    from transformers.distributed.expert_parallel import AllToAllEP, _AllToAllState, _WaitTensor
+
+    class _BalancedAllToAll(AllToAllEP):
+        # Written here because transformers' _dispatch_tokens calls .tolist() on the routing counts,
+        # which a meta tensor cannot answer; the structure follows the library's line for line.
+        def _dispatch_tokens(self, hidden_states, top_k_index, top_k_weights):
+            if self.tp_mesh.size() > 1:
+                raise ShardError("balanced expert parallelism with tensor parallelism is not modelled: give ep alone")
+            group, ep = self.ep_mesh.get_group(), self.ep_mesh.size()
+            k = top_k_index.size(-1)
+            expert_ids = top_k_index.reshape(-1)
+            order = torch.argsort(expert_ids)
+            send_tokens = hidden_states[order // k]                  # (tokens k, hidden), sorted by expert
+            dev = hidden_states.device
+            send_counts = torch.zeros(ep, self.num_local_experts, dtype=torch.long, device=dev)
+            recv_counts = torch.empty_like(send_counts)
+            all_to_all_single(recv_counts, send_counts, group=group)  # the per-expert counts, as the library sends them
+            pairs = expert_ids.numel()
+            sizes = [pairs // ep + (1 if r < pairs % ep else 0) for r in range(ep)]  # balanced: even to every rank
+            recv = _WaitTensor.apply(all_to_all_single_autograd(send_tokens, sizes, sizes, group))
+            n = sum(sizes)
+            local_ids = (torch.arange(n, device=dev) * self.num_local_experts // max(n, 1)).unsqueeze(-1)
+            weights = torch.ones_like(local_ids, dtype=recv.dtype)
+            return recv, local_ids, weights, _AllToAllState(top_k_weights, order, sizes, sizes, hidden_states.size(0))
+
+    return _BalancedAllToAll
+
+
+def apply_ep(model: nn.Module, ep: int) -> nn.Module:
+    """Shard ``model``'s routed experts in place over an ``ep``-rank mesh of the running (fake or
+    real) process group with transformers' ``apply_expert_parallelism`` and the model's own plan,
+    dispatching tokens by balanced all-to-alls (module docstring); returns it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers.distributed.expert_parallel import EPImplementationInterface, apply_expert_parallelism
+
+    if ep == 1:
+        return model
+    plan = model_ep_plan(model)
+    experts = {getattr(m, "num_experts", None) for n, m in model.named_modules() if plan.get(n) == "ep_dispatch_experts"}
+    bad = sorted(e for e in experts if not isinstance(e, int) or e % ep)
+    if bad:
+        raise ShardError(f"ep={ep} does not divide the model's {bad[0]} routed experts; pick ep among its divisors")
+    EPImplementationInterface.register("cohw_balanced", _balanced_all_to_all())
+    mesh = init_device_mesh("cpu", (ep, 1), mesh_dim_names=("ep", "tp"))
+    return apply_expert_parallelism(model, mesh["ep"], mesh["tp"], plan, ep_implementation="cohw_balanced")
 
 
 def _targets(model: nn.Module, pattern: str) -> bool:
@@ -208,8 +294,9 @@ def _keep_stage(model: nn.Module, pp: int, stage: int) -> tuple[int, int]:
 
 #: c10d ops whose first argument is the output buffer: the message is argument ``MESSAGE_ARG[op]``
 #: (``_allgather_base_(output, input)``: the gathered output; ``_reduce_scatter_base_(output,
-#: input)``: the input; ``send``/``recv_(tensors)``: the buffer), as its cost formula takes it.
-MESSAGE_ARG: dict[str, int] = {"c10d._allgather_base_": 0, "c10d.allgather_into_tensor_coalesced_": 0,
+#: input)``: the input; ``alltoall_base_(output, input, ...)``: the input, each rank's buffer;
+#: ``send``/``recv_(tensors)``: the buffer), as its cost formula takes it.
+MESSAGE_ARG: dict[str, int] = {"c10d._allgather_base_": 0, "c10d.alltoall_base_": 1, "c10d.allgather_into_tensor_coalesced_": 0,
                                "c10d._reduce_scatter_base_": 1, "c10d.reduce_scatter_tensor_coalesced_": 1,
                                "c10d.send": 0, "c10d.recv_": 0}
 
@@ -302,20 +389,26 @@ def _p2p_rows(table: pd.DataFrame, stage: int, pp: int, tokens: int, hidden: int
 
 
 def per_rank_table(workload: Any, phase: str = "prefill", *, tp: int = 1, pp: int = 1, stage: int = 0,
-                   batch: int = 1, seq_len: int | None = None, dtype: Any = None,
+                   ep: int = 1, batch: int = 1, seq_len: int | None = None, dtype: Any = None,
                    plan: dict[str, str] | None = None, comm_debug: bool = False, **options: Any) -> pd.DataFrame:
     """The op table of one rank of ``workload`` (a registry name or config path) under
-    ``tp``-way tensor and ``pp``-way pipeline parallelism, pipeline ``stage``, for ``phase``
-    at the global ``batch`` and ``seq_len`` (one microbatch: the whole batch).
+    ``tp``-way tensor, ``pp``-way pipeline and ``ep``-way expert parallelism, pipeline ``stage``,
+    for ``phase`` at the global ``batch`` and ``seq_len`` (one microbatch: the whole batch; under
+    expert parallelism each rank holds ``batch / ep`` of it).
 
     Rows as :func:`cohw_utils.spine.trace.trace`, plus ``group_size`` and ``comm_bytes``;
-    ``table.attrs`` gains ``parallel`` = {tp, pp, stage, first_layer, layers}. ``comm_debug=True``
+    ``table.attrs`` gains ``parallel`` = {tp, pp, stage, ep, first_layer, layers}. ``comm_debug=True``
     runs torch's ``CommDebugMode`` around the same traced run and keeps its counts in
     ``table.attrs["comm_debug"]`` (compare them with :func:`comm_debug_counts`).
     """
-    for name, v in (("tp", tp), ("pp", pp)):
+    for name, v in (("tp", tp), ("pp", pp), ("ep", ep)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ShardError(f"{name}={v!r}: must be a whole number of devices >= 1")
+    if ep > 1 and tp > 1:
+        raise ShardError("tp and ep together are not modelled: give a mixture-of-experts model ep (with pp), or tp alone")
+    if batch % ep:
+        raise ShardError(f"ep={ep} ranks split the batch of {batch} sequences for attention: give a batch that ep divides")
+    batch //= ep
     built = build(workload, scale="full", device="meta", dtype=dtype, batch=batch, seq_len=seq_len, **options)
     if phase not in built.phases:
         raise ShardError(f"{built.workload.name} has no phase {phase!r}; phases: {', '.join(built.phases)}")
@@ -325,17 +418,18 @@ def per_rank_table(workload: Any, phase: str = "prefill", *, tp: int = 1, pp: in
         first, n = _keep_stage(model, pp, stage)
     elif stage != 0:
         raise ShardError(f"stage={stage} needs pp > 1")
-    with fake_world(tp):
+    with fake_world(tp * ep):
         apply_tp(model, tp, plan)
+        apply_ep(model, ep)
         args, kwargs = built.phases[phase].make_inputs()
         with _comm_debug() if comm_debug else contextlib.nullcontext() as mode:
             table = trace(built.phases[phase].run, *args, model=model, phase=phase, **kwargs)
-    table = collective_rows(table, tp)
+    table = collective_rows(table, tp * ep)
     if comm_debug:
         table.attrs["comm_debug"] = _comm_debug_scopes(mode)
     tokens = batch * (1 if phase == "decode" else (seq_len or _seq_len_of(kwargs)))
     table = _p2p_rows(table, stage, pp, tokens, model.config.hidden_size, built.dtype, phase)
-    table.attrs["parallel"] = {"tp": tp, "pp": pp, "stage": stage, "first_layer": first, "layers": n}
+    table.attrs["parallel"] = {"tp": tp, "pp": pp, "stage": stage, "ep": ep, "first_layer": first, "layers": n}
     return table
 
 

@@ -31,7 +31,7 @@ rank. :func:`cohw_utils.spine.shard_train.fsdp_step_table` traces the same colle
 ``fully_shard`` itself, on a small model.
 
 A plan of ``tp x pp x ep`` devices per replica and ``dp`` replicas (:func:`validate_plan`,
-:func:`pipeline_step_seconds`, :func:`expert_parallel_table`; the ``predict`` command):
+:func:`pipeline_step_seconds`; the ``predict`` command):
 
 * **data parallelism** at inference is ``dp`` independent replicas, each serving ``batch / dp``
   sequences (no communication); ``dp`` must divide the batch;
@@ -40,11 +40,12 @@ A plan of ``tp x pp x ep`` devices per replica and ``dp`` replicas (:func:`valid
   the bubble ``(p - 1) / (m + p - 1)`` of it idle;
 * **expert parallelism** (mixture-of-experts models): the ``ep`` ranks of a replica split its
   sequences for attention and the dense layers (``batch / (dp ep)`` each, "data-parallel
-  attention") and hold ``E / ep`` routed experts each; under balanced routing each rank's grouped
-  GEMMs get as many token-expert rows as its own tokens make, spread over its ``E / ep`` experts,
-  so their FLOPs are unchanged and their weight reads cover at most ``E / ep`` experts. Each MoE
-  layer adds two all-to-alls (dispatch and combine) of ``tokens x k x hidden x dtype`` bytes per
-  rank. Tensor and expert parallelism together are not modelled.
+  attention") and hold ``E / ep`` routed experts each. The rank's table is traced with the
+  model's own expert plan applied (:func:`cohw_utils.spine.shard.apply_ep`: under balanced
+  routing each rank's grouped GEMMs get as many token-expert rows as its own tokens make, spread
+  over its ``E / ep`` experts, and each MoE layer all-to-alls the counts, the ``tokens x k x
+  hidden`` dispatched rows and their outputs). Tensor and expert parallelism together are not
+  modelled.
 
 Memory per rank:
 
@@ -72,7 +73,6 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from cohw_utils.core.dtypes import bytes_per_element
 from cohw_utils.core.errors import CohwError
 from cohw_utils.core.opclasses import COMMUNICATION
 from cohw_utils.hardware import Hardware
@@ -81,7 +81,7 @@ from cohw_utils.views.predictor import Calibration, phase_seconds
 
 __all__ = ["RankTime", "comm_table", "rank_seconds", "pipeline_bubble", "training_state_bytes",
            "activation_bytes", "kv_bytes_per_rank", "ACTIVATION_MODES", "fsdp_comm", "validate_plan",
-           "pipeline_step_seconds", "expert_parallel_table", "moe_geometry"]
+           "pipeline_step_seconds", "moe_geometry"]
 
 
 def _packet(op: str) -> str:
@@ -280,46 +280,3 @@ def pipeline_step_seconds(stage_seconds: list[float], microbatches: int = 1) -> 
         raise CohwError("pipeline_step_seconds needs one time per stage")
     p = len(stage_seconds)
     return (microbatches + p - 1) * max(stage_seconds), pipeline_bubble(p, microbatches)
-
-
-def expert_parallel_table(table: pd.DataFrame, ep: int, experts: int, top_k: int, tokens: int,
-                          hidden: int) -> pd.DataFrame:
-    """One expert-parallel rank's table from the rank's own table at its ``tokens`` (module
-    docstring): grouped-GEMM weight reads capped at ``experts / ep`` experts, and a dispatch and a
-    combine all-to-all row per MoE layer (``tokens x top_k x hidden`` elements each)."""
-    if ep == 1:
-        return table
-    if experts % ep:
-        raise CohwError(f"ep={ep} does not divide {experts} experts")
-    out = table.copy()
-    if "comm_bytes" not in out.columns:
-        out["group_size"], out["comm_bytes"] = math.nan, math.nan
-    grouped = out["op"].str.startswith("aten._grouped_mm")
-    layer_of = out["module"].str.extract(r"^(.*?layers\.\d+)\.")[0]
-    for i in out.index[grouped]:
-        a, b = out.at[i, "input_shapes"][:2]
-        if len(b) != 3:
-            continue
-        eb = out.at[i, "bytes_read"]  # a, b, offsets as traced; replace b's routed-expert count
-        per_expert = b[1] * b[2] * _itemsize(out.at[i, "dtype"])
-        out.at[i, "bytes_read"] = eb - (min(b[0], a[0]) - min(b[0] // ep, a[0])) * per_expert
-    moe_layers = sorted(set(layer_of[grouped].dropna()), key=lambda m: int(m.rsplit(".", 1)[1]))
-    dtype = out.loc[grouped, "dtype"].iloc[0] if grouped.any() else "bfloat16"
-    nbytes = tokens * top_k * hidden * _itemsize(dtype)
-    rows = []
-    for layer in moe_layers:
-        for what in ("dispatch", "combine"):
-            rows.append({**{c: None for c in out.columns}, "op": "_c10d_functional.all_to_all_single.default",
-                         "module": f"{layer}.experts.<{what}>", "module_class": "", "phase": table.attrs.get("phase", ""),
-                         "pass": "forward", "op_class": COMMUNICATION, "input_shapes": (), "output_shapes": (),
-                         "dtype": dtype, "flops": 0, "flops_effective": 0, "macs": 0, "bytes_read": nbytes,
-                         "bytes_written": nbytes, "intensity": math.nan, "costed": True, "group_size": ep,
-                         "comm_bytes": nbytes})
-    res = pd.concat([out, pd.DataFrame(rows, columns=out.columns)], ignore_index=True) if rows else out
-    res.attrs = dict(table.attrs)
-    res.attrs["expert_parallel"] = {"ep": ep, "experts_per_rank": experts // ep, "moe_layers": len(moe_layers)}
-    return res
-
-
-def _itemsize(dtype: str) -> int:
-    return int(bytes_per_element(dtype))

@@ -10,8 +10,8 @@ request (``batch`` sequences of ``input_len`` prompt tokens, ``output_len`` gene
 * every stage's per-rank tables (:func:`cohw_utils.spine.shard.per_rank_table`: the model's own
   TP plan, the stage's layers and its send/receive of hidden states; a prefill keeping the last
   position's logits, a decode step at the request's mean context, as the one-chip predictor
-  does) at one microbatch, re-shaped for expert parallelism
-  (:func:`~cohw_utils.views.parallel.expert_parallel_table`), weight format applied, are timed by
+  does) at one microbatch, expert parallelism applied from the model's own expert plan
+  (:func:`~cohw_utils.spine.shard.apply_ep`, balanced routing), weight format applied, are timed by
   :func:`~cohw_utils.views.parallel.rank_seconds` (the calibrated or ideal chip, the ring
   alpha-beta cost of every collective on the link, no overlap unless asked);
 * a prefill step and a decode step each take GPipe's ``(m + p - 1)`` ticks of the slowest stage
@@ -34,7 +34,7 @@ from cohw_utils.core.errors import CohwError
 from cohw_utils.hardware import Hardware, get_hardware
 from cohw_utils.hardware.interconnects import Interconnect, get_interconnect, load_interconnects
 from cohw_utils.spine.shard import per_rank_table
-from cohw_utils.views.parallel import (comm_table, expert_parallel_table, moe_geometry, pipeline_step_seconds,
+from cohw_utils.views.parallel import (comm_table, moe_geometry, pipeline_step_seconds,
                                        rank_seconds, validate_plan)
 from cohw_utils.views.predictor import apply_weight_format, decode_context, load_calibration
 from cohw_utils.workloads import build
@@ -91,16 +91,14 @@ def predict_plan(workload: str, hw: Hardware | str, link: Interconnect | str | N
                         f"the chips: one of {', '.join(sorted(load_interconnects()))}")
     link = get_interconnect(link) if isinstance(link, str) else link
     cal = load_calibration() if calibration == "calibrated" else calibration
-    experts, top_k = moe_geometry(config)
+    experts, _ = moe_geometry(config)
     mb = batch // (dp * ep) // microbatches
     stage_rows, comms = [], []
-    for phase, seq, tokens in (("prefill", input_len, mb * input_len),
-                               ("decode", decode_context(input_len, output_len), mb)):
+    for phase, seq in (("prefill", input_len), ("decode", decode_context(input_len, output_len))):
         opts = {"prefill_logits": "last"} if phase == "prefill" else {}
         for s in range(pp):
-            t = per_rank_table(workload, phase, tp=tp, pp=pp, stage=s, batch=mb, seq_len=seq, dtype=dtype, **opts)
-            if ep > 1:
-                t = expert_parallel_table(t, ep, experts, top_k, tokens, config.hidden_size)
+            t = per_rank_table(workload, phase, tp=tp, pp=pp, stage=s, ep=ep, batch=mb * ep, seq_len=seq, dtype=dtype,
+                               **opts)
             t = apply_weight_format(t, weight_fmt or dtype)
             r = rank_seconds(t, hw, link, cal, overlap)
             stage_rows.append({"phase": phase, "stage": s, "layers": t.attrs["parallel"]["layers"],
@@ -128,7 +126,7 @@ def predict_plan(workload: str, hw: Hardware | str, link: Interconnect | str | N
     ]
     if ep > 1:
         assumptions.append(f"expert parallelism: attention data-parallel over {ep} ranks, {experts // ep} experts per "
-                           "rank, balanced routing, two all-to-alls per MoE layer")
+                           "rank, balanced routing, transformers' all-to-all dispatch (counts, tokens, outputs) per MoE layer")
     return PlanPrediction({"tp": tp, "pp": pp, "dp": dp, "ep": ep, "microbatches": microbatches}, hw.name,
                           None if link is None else link.name, mode, stages,
                           pd.DataFrame(comms, columns=["phase", "stage", "kind", "count", "group size",
