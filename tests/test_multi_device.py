@@ -29,3 +29,38 @@ def test_native_link_and_bad_input():
     assert md.native_link("MI300X") == "pcie5-x16"
     with pytest.raises(CohwError, match="needs at least one link"):
         md.tp_options("llama-2-7b", "H100-SXM", [], tps=(2,))
+
+
+def test_evaluate_systems_adds_devices_and_links_to_the_design_sweep():
+    """Llama-2-70B fp16 decode, batch 8 at 256 tokens, on the H100 design: one chip does not hold
+    its 138 GB; one of two ranks does. Its collectives by hand: 80 layers x 2 all-reduces of
+    8 x 8192 x 2 bytes and one all-gather of the 8 x 32,000 fp16 logits, ring cost on the link."""
+    from cohw_utils.spine.analyze import analyze
+    from cohw_utils.studies.codesign import accelerator, sweep
+    from cohw_utils.studies.codesign.phases import prepare
+    from cohw_utils.views.collectives import collective_time
+
+    ref = accelerator.from_hardware("H100-SXM")
+    small = ref.replace(name="half", hbm_bytes=ref.hbm_bytes / 2)
+    r = md.evaluate_systems([ref, small], "llama-2-70b", "decode", (1, 2), ["nvlink4-h100", "pcie5-x16"],
+                            batch=8, context=256, quantize=False)
+    assert len(r) == 2 * 3 and set(r.link) == {"-", "nvlink4-h100", "pcie5-x16"}
+    one = r[(r.devices == 1) & (r.design == ref.name)].iloc[0]
+    # one device is exactly the one-chip sweep
+    whole = sweep.evaluate_designs([ref], prepare(analyze("llama-2-70b", "decode", batch=8, seq_len=256, dtype="fp16")),
+                                   quantize=False).iloc[0]
+    assert one.time_s == pytest.approx(whole.time_s, rel=1e-12) and one.comm_s == 0 and not one.fits
+    for link in ("nvlink4-h100", "pcie5-x16"):
+        two = r[(r.devices == 2) & (r.design == ref.name) & (r.link == link)].iloc[0]
+        hand = 160 * collective_time("all_reduce", 8 * 8192 * 2, 2, link) + collective_time("all_gather", 8 * 32_000 * 2, 2, link)
+        assert two.comm_s == pytest.approx(hand, rel=1e-9)
+        assert two.time_s == pytest.approx(two.compute_s + two.comm_s) and two.fits
+        assert two.system_mm2 == pytest.approx(2 * two.package_mm2)
+        assert two.tokens_per_s == pytest.approx(8 / two.time_s)
+        assert two.tokens_per_s_per_device == pytest.approx(two.tokens_per_s / 2)
+    # half the HBM: a rank's 69 GB of weights no longer fit
+    assert not r[(r.devices == 2) & (r.design == "half")].fits.any()
+    with pytest.raises(CohwError, match="needs at least one link"):
+        md.evaluate_systems([ref], "llama-2-70b", "decode", (2,), [])
+    with pytest.raises(CohwError, match="'prefill' or 'decode'"):
+        md.evaluate_systems([ref], "llama-2-70b", "unet_step", (1,))
