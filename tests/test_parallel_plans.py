@@ -79,6 +79,28 @@ def test_fsdp_comm_view_matches_the_trace(fsdp4):
     assert model["bus_bytes"].sum() == pytest.approx(3 * 59_787_264 * 3 / 4 - 4 * REST * 3 / 4)
 
 
+def test_fsdp2_at_full_scale_one_layer_stands_for_all():
+    """Llama-2-70B in bf16, FSDP2 over 8 ranks, traced with its embedding, first decoder layer and
+    LM head at full width. By hand, one layer gathers q, o 8192^2 each, k, v 8192 x 1024 each, gate, up, down 8192 x 28672 each, two norms of 8192 = 855,654,400
+    parameters, 1,711,308,800 bytes (every dim 0 a multiple of 8); the root: embedding and head
+    32,000 x 8192 each and the final norm = 524,296,192 parameters. The whole model's step: 81
+    forward all-gathers (80 layers and the root), 80 backward ones, 81 reduce-scatters."""
+    from cohw_utils.spine.shard_train import fsdp_step_table
+
+    t = fsdp_step_table("llama-2-70b", 8, batch=1, seq_len=8, dtype="bf16", layers=1)
+    layer, root = 855_654_400 * 2, 524_296_192 * 2
+    assert t.attrs["fsdp"]["units"] == {"model.layers.0": layer, "<root>": root}
+    assert t.attrs["fsdp"]["layers"] == 1 and t.attrs["fsdp"]["full_layers"] == 80
+    whole = parallel.fsdp_whole_model(t).set_index(["pass", "kind"])
+    assert whole.loc[("forward", "all_gather")].tolist() == [81, 80 * layer + root]
+    assert whole.loc[("backward", "all_gather")].tolist() == [80, 80 * layer]
+    assert whole.loc[("backward", "reduce_scatter")].tolist() == [81, 80 * layer + root]
+    formula = parallel.fsdp_comm({**{f"layers.{i}": layer for i in range(80)}, "<root>": root}, 8)
+    assert formula.groupby(["pass", "kind"])["comm_bytes"].sum().to_dict() == whole["comm_bytes"].to_dict()
+    with pytest.raises(CohwError, match="keep 1..80"):
+        fsdp_step_table("llama-2-70b", 8, layers=81)
+
+
 def test_fsdp_unit_bytes_pads_dim0():
     from torch import nn
 

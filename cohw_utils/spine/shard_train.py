@@ -18,8 +18,12 @@ nothing; the model's weights are random):
   ``chunk_cat``) are costed as data movement (bytes of the shards they copy).
   *Why not on meta*: FSDP2's lazy init refuses meta parameters (torch 2.13:
   ``RuntimeError: FSDP parameters should be materialized from meta device before training``, from
-  ``FSDPParamGroup._validate_no_meta_params``), so full-scale models are modelled from the
-  per-unit formula (:func:`cohw_utils.views.parallel.fsdp_comm`), which this trace checks.
+  ``FSDPParamGroup._validate_no_meta_params``). A full-scale model is therefore traced at full
+  width with its first ``layers`` decoder layers (``layers=1``: Llama-2-70B's embedding, one
+  layer and LM head, 2.8 GB in bf16, of which a rank holds ``1/dp``): every decoder layer is the
+  same unit, so the whole model's collectives are the root's plus ``num_hidden_layers`` times the
+  one layer's (``table.attrs["fsdp"]["full_layers"]``), and the per-unit formula
+  (:func:`cohw_utils.views.parallel.fsdp_comm`) is checked against it.
 * **Pipelining** (:func:`pipeline_stage_table`): one stage of ``torch.distributed.pipelining``
   (a manual ``PipelineStage`` around the stage's slice of layers, as
   :func:`cohw_utils.spine.shard.stage_layers` cuts them) run by ``ScheduleGPipe`` over
@@ -104,11 +108,12 @@ def fsdp_unit_bytes(module: nn.Module, dp: int, exclude: tuple[nn.Module, ...] =
 
 
 def fsdp_step_table(workload: Any, dp: int, *, batch: int = 1, seq_len: int = 16, dtype: Any = "fp32",
-                    reshard_after_forward: bool = True) -> pd.DataFrame:
+                    reshard_after_forward: bool = True, layers: int | None = None) -> pd.DataFrame:
     """One rank's op table of an FSDP2 training step (forward with the LM loss, backward) of
     ``workload`` (a registry name or config path of a decoder LM small enough for this CPU)
-    fully sharded over ``dp`` ranks; ``table.attrs["fsdp"]`` = {dp, units: {name: gathered
-    bytes}, param_bytes, reshard_after_forward} (module docstring)."""
+    fully sharded over ``dp`` ranks; ``layers`` keeps only the first decoder layers (a full-scale
+    model at full width, module docstring); ``table.attrs["fsdp"]`` = {dp, units: {name: gathered
+    bytes}, param_bytes, reshard_after_forward, layers (traced), full_layers (the model's)}."""
     if isinstance(dp, bool) or not isinstance(dp, int) or dp < 2:
         raise ShardError(f"dp={dp!r}: FSDP shards over a whole number >= 2 of ranks")
     from torch.distributed.device_mesh import init_device_mesh
@@ -118,6 +123,16 @@ def fsdp_step_table(workload: Any, dp: int, *, batch: int = 1, seq_len: int = 16
     torch_dtype = parse_dtype(dtype)
     built = build(workload, scale="full", device="meta", dtype=torch_dtype, batch=batch, seq_len=seq_len)
     model = built.model
+    full_layers = len(_layers(model))
+    if layers is not None:
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= full_layers:
+            raise ShardError(f"layers={layers!r}: keep 1..{full_layers} of the model's decoder layers")
+        _keep_stage(model, pp=1, stage=0)  # the cache and layer types follow the cut below
+        base = getattr(model, model.base_model_prefix)
+        base.layers = nn.ModuleList(list(base.layers)[:layers])
+        model.config.num_hidden_layers = layers
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:layers]
     layers = _layers(model)
     units = {f"{getattr(model, 'base_model_prefix', 'model')}.layers.{i}": fsdp_unit_bytes(l, dp)
              for i, l in enumerate(layers)}
@@ -135,7 +150,8 @@ def fsdp_step_table(workload: Any, dp: int, *, batch: int = 1, seq_len: int = 16
 
         table = collective_rows(trace(step, model=model, phase="train"), dp)
     table.attrs["fsdp"] = {"dp": dp, "units": units, "param_bytes": sum(units.values()),
-                           "reshard_after_forward": reshard_after_forward}
+                           "reshard_after_forward": reshard_after_forward, "layers": len(layers),
+                           "full_layers": full_layers}
     return table
 
 

@@ -81,7 +81,7 @@ from cohw_utils.views.predictor import Calibration, phase_seconds
 
 __all__ = ["RankTime", "comm_table", "rank_seconds", "pipeline_bubble", "training_state_bytes",
            "activation_bytes", "kv_bytes_per_rank", "ACTIVATION_MODES", "fsdp_comm", "validate_plan",
-           "pipeline_step_seconds", "moe_geometry"]
+           "pipeline_step_seconds", "moe_geometry", "fsdp_whole_model"]
 
 
 def _packet(op: str) -> str:
@@ -221,6 +221,28 @@ def fsdp_comm(unit_bytes: dict[str, float], dp: int, *, root: str = "<root>", re
     out = pd.DataFrame(rows, columns=["unit", "pass", "kind", "comm_bytes"])
     out["bus_bytes"] = out["comm_bytes"] * (dp - 1) / dp
     return out
+
+
+def fsdp_whole_model(table: pd.DataFrame) -> pd.DataFrame:
+    """FSDP2's collectives of the whole model's training step, from a step traced with only its
+    first layers (:func:`cohw_utils.spine.shard_train.fsdp_step_table` with ``layers``): every
+    decoder layer is the same unit, so a collective whose message is one layer unit's bytes
+    stands for ``full_layers / layers`` of them and the root's count once. By message, not by
+    module, because FSDP2 issues backward collectives from hooks whose module attribution is
+    approximate. One row per (pass, kind): ``count``, ``comm_bytes`` (all of them)."""
+    f = table.attrs.get("fsdp")
+    if f is None or "full_layers" not in f:
+        raise CohwError("fsdp_whole_model needs a table from cohw_utils.spine.shard_train.fsdp_step_table")
+    layer_bytes = {b for u, b in f["units"].items() if u != "<root>"}
+    if len(layer_bytes) != 1 or f["units"].get("<root>") in layer_bytes:
+        raise CohwError("fsdp_whole_model: the decoder layers must be identical units, and the root's bytes "
+                        f"different from theirs (units: {f['units']})")
+    comm = comm_table(table)
+    comm["pass"] = table.loc[table["op_class"] == COMMUNICATION, "pass"].to_numpy()
+    scale = f["full_layers"] / f["layers"]
+    comm["count"] = [scale if b in layer_bytes else 1.0 for b in comm["comm_bytes"]]
+    comm["comm_bytes"] = comm["comm_bytes"] * comm["count"]
+    return comm.groupby(["pass", "kind"], as_index=False)[["count", "comm_bytes"]].sum()
 
 
 def moe_geometry(config) -> tuple[int | None, int | None]:
