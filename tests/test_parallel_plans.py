@@ -101,6 +101,21 @@ def test_fsdp2_at_full_scale_one_layer_stands_for_all():
         fsdp_step_table("llama-2-70b", 8, layers=81)
 
 
+def test_pipeline_stage_at_full_width_sends_one_hidden_state():
+    """Stage 1 of Llama-2-70B over 4 stages holds layers 20-39; traced with one of them, it still
+    receives and sends one microbatch's hidden state: 1 x 16 tokens x 8192 x 2 bytes (bf16)."""
+    from cohw_utils.spine.shard_train import pipeline_stage_table
+
+    t = pipeline_stage_table("llama-2-70b", 4, 1, microbatches=2, batch=2, seq_len=16, dtype="bf16", layers=1)
+    p = t.attrs["pipeline"]
+    assert (p["first_layer"], p["layers"], p["traced_layers"]) == (20, 20, 1)
+    comm = t[t["op_class"] == COMMUNICATION]
+    assert list(comm["op"]) == ["c10d.recv_.default", "c10d.send.default"] * 2
+    assert set(comm["comm_bytes"]) == {16 * 8192 * 2} == {p["message_bytes"]}
+    with pytest.raises(CohwError, match="keep 1..20"):
+        pipeline_stage_table("llama-2-70b", 4, 1, layers=21)
+
+
 def test_fsdp_unit_bytes_pads_dim0():
     from torch import nn
 

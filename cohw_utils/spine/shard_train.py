@@ -24,7 +24,8 @@ nothing; the model's weights are random):
   same unit, so the whole model's collectives are the root's plus ``num_hidden_layers`` times the
   one layer's (``table.attrs["fsdp"]["full_layers"]``), and the per-unit formula
   (:func:`cohw_utils.views.parallel.fsdp_comm`) is checked against it.
-* **Pipelining** (:func:`pipeline_stage_table`): one stage of ``torch.distributed.pipelining``
+* **Pipelining** (:func:`pipeline_stage_table`, at full width with ``layers`` of the stage's
+  decoder layers kept, as for FSDP2): one stage of ``torch.distributed.pipelining``
   (a manual ``PipelineStage`` around the stage's slice of layers, as
   :func:`cohw_utils.spine.shard.stage_layers` cuts them) run by ``ScheduleGPipe`` over
   ``microbatches`` microbatches, forward only (inference), traced as rank ``stage``: each
@@ -179,10 +180,13 @@ def _static_warmup(stages, has_backward, p2p_done) -> None:
 
 
 def pipeline_stage_table(workload: Any, pp: int, stage: int, *, microbatches: int = 2, batch: int = 2,
-                         seq_len: int = 16, dtype: Any = "fp32") -> pd.DataFrame:
+                         seq_len: int = 16, dtype: Any = "fp32", layers: int | None = None) -> pd.DataFrame:
     """Op table of pipeline ``stage`` of ``pp`` running ``ScheduleGPipe`` forward over
     ``microbatches`` microbatches of a ``batch`` of ``seq_len``-token prompts (module docstring);
-    ``table.attrs["pipeline"]`` = {pp, stage, microbatches, layers, message_bytes}."""
+    ``layers`` keeps only the stage's first decoder layers (a full-scale model at full width: its
+    sends and receives, one hidden state each, do not depend on how many layers it runs);
+    ``table.attrs["pipeline"]`` = {pp, stage, microbatches, first_layer, layers (the stage's),
+    traced_layers, message_bytes}."""
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
     if isinstance(pp, bool) or not isinstance(pp, int) or pp < 2:
@@ -194,6 +198,15 @@ def pipeline_stage_table(workload: Any, pp: int, stage: int, *, microbatches: in
     lm = built.model
     _layers(lm)
     first, n = _keep_stage(lm, pp, stage)
+    traced = n
+    if layers is not None:
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= n:
+            raise ShardError(f"layers={layers!r}: keep 1..{n} of stage {stage}'s decoder layers")
+        base = getattr(lm, lm.base_model_prefix)
+        base.layers, traced = nn.ModuleList(list(base.layers)[:layers]), layers
+        lm.config.num_hidden_layers = layers
+        if getattr(lm.config, "layer_types", None):
+            lm.config.layer_types = lm.config.layer_types[:layers]
     lm.to_empty(device="cpu")
     mb, hidden = batch // microbatches, lm.config.hidden_size
     hid = torch.empty(mb, seq_len, hidden, dtype=torch_dtype)
@@ -214,5 +227,5 @@ def pipeline_stage_table(workload: Any, pp: int, stage: int, *, microbatches: in
 
         table = collective_rows(trace(run, model=lm, phase="prefill"))
     table.attrs["pipeline"] = {"pp": pp, "stage": stage, "microbatches": microbatches, "first_layer": first,
-                               "layers": n, "message_bytes": mb * seq_len * hidden * torch_dtype.itemsize}
+                               "layers": n, "traced_layers": traced, "message_bytes": mb * seq_len * hidden * torch_dtype.itemsize}
     return table
