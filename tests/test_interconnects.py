@@ -23,6 +23,9 @@ def test_vendor_totals_are_halved_per_direction():
     assert get_interconnect("nvlink3-a100").bw_per_dir == 300e9   # "NVLink: 600GB/s"
     assert get_interconnect("pcie5-x16").bw_per_dir == 64e9       # "PCIe Gen5: 128GB/s"
     assert get_interconnect("ib-ndr").bw_per_dir == 50e9          # 400 Gb/s per port
+    assert get_interconnect("ib-xdr").bw_per_dir == 100e9         # 800 Gb/s per port
+    assert get_interconnect("roce-400g").bw_per_dir == 50e9       # one 400GbE port
+    assert get_interconnect("tpu-v5p-ici").bw_per_dir == 600e9    # "1200 GBps" bidirectional per chip
 
 
 def test_unknown_link_lists_the_known_ones():
