@@ -47,6 +47,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
             "formats": [("fp8", "int8"), ("fp8", "int8", "int4")],
             "slow": [None, "LPDDR5X"],
         },
+        "SYSTEM_MODEL": "llama-2-70b",
+        "SYSTEM_DEVICES": [1, 2, 4, 8],
+        "SYSTEM_LINKS": None,
     },
     "04c_quantization": {
         "DEVICE": "auto",
