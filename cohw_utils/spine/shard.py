@@ -174,7 +174,7 @@ def model_ep_plan(model: nn.Module) -> dict[str, str]:
     names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
     plan: dict[str, str] = {}
     for pattern, style in base.items():
-        rx = re.compile(re.escape(f"{prefix}.{pattern}" if has_prefix else pattern).replace(r"\*", r"[^.]+"))
+        rx = _plan_regex(f"{prefix}.{pattern}" if has_prefix else pattern)
         plan.update({n: style for n in names if rx.fullmatch(n)})
     if not plan:
         raise ShardError(f"{type(model).__name__}'s expert plan names no module of this model ({sorted(base)})")
@@ -235,10 +235,15 @@ def apply_ep(model: nn.Module, ep: int) -> nn.Module:
     return apply_expert_parallelism(model, mesh["ep"], mesh["tp"], plan, ep_implementation="cohw_balanced")
 
 
+def _plan_regex(pattern: str) -> re.Pattern:
+    """A plan's module pattern as a regex: ``*`` stands for one path component."""
+    return re.compile(re.escape(pattern).replace(r"\*", r"[^.]+"))
+
+
 def _targets(model: nn.Module, pattern: str) -> bool:
     """Whether a plan pattern (``*`` = one path component) names a Linear or Embedding of this
     model: a pipeline stage without the LM head, say, drops the head's entry."""
-    rx = re.compile(re.escape(pattern).replace(r"\*", r"[^.]+"))
+    rx = _plan_regex(pattern)
     return any(rx.fullmatch(name) and isinstance(m, (nn.Linear, nn.Embedding))
                for name, m in model.named_modules())
 

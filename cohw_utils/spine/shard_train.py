@@ -94,6 +94,19 @@ def _layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def _keep_first_layers(model: nn.Module, n: int, whose: str) -> int:
+    """Cut ``model`` (already on ``meta``) to its first ``n`` decoder layers, config and layer
+    types with them, and return ``n``: a full-width stand-in whose layers are all the same unit."""
+    layers = _layers(model)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(layers):
+        raise ShardError(f"layers={n!r}: keep 1..{len(layers)} of {whose} decoder layers")
+    getattr(model, model.base_model_prefix).layers = nn.ModuleList(list(layers)[:n])
+    model.config.num_hidden_layers = n
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:n]
+    return n
+
+
 def fsdp_unit_bytes(module: nn.Module, dp: int, exclude: tuple[nn.Module, ...] = ()) -> int:
     """Bytes one all-gather of an FSDP2 unit gathers: each parameter (those of ``exclude`` left
     out) with dim 0 padded up to a multiple of ``dp``, as FSDP2 shards it."""
@@ -126,14 +139,7 @@ def fsdp_step_table(workload: Any, dp: int, *, batch: int = 1, seq_len: int = 16
     model = built.model
     full_layers = len(_layers(model))
     if layers is not None:
-        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= full_layers:
-            raise ShardError(f"layers={layers!r}: keep 1..{full_layers} of the model's decoder layers")
-        _keep_stage(model, pp=1, stage=0)  # the cache and layer types follow the cut below
-        base = getattr(model, model.base_model_prefix)
-        base.layers = nn.ModuleList(list(base.layers)[:layers])
-        model.config.num_hidden_layers = layers
-        if getattr(model.config, "layer_types", None):
-            model.config.layer_types = model.config.layer_types[:layers]
+        _keep_first_layers(model, layers, "the model's")
     layers = _layers(model)
     units = {f"{getattr(model, 'base_model_prefix', 'model')}.layers.{i}": fsdp_unit_bytes(l, dp)
              for i, l in enumerate(layers)}
@@ -198,15 +204,7 @@ def pipeline_stage_table(workload: Any, pp: int, stage: int, *, microbatches: in
     lm = built.model
     _layers(lm)
     first, n = _keep_stage(lm, pp, stage)
-    traced = n
-    if layers is not None:
-        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= n:
-            raise ShardError(f"layers={layers!r}: keep 1..{n} of stage {stage}'s decoder layers")
-        base = getattr(lm, lm.base_model_prefix)
-        base.layers, traced = nn.ModuleList(list(base.layers)[:layers]), layers
-        lm.config.num_hidden_layers = layers
-        if getattr(lm.config, "layer_types", None):
-            lm.config.layer_types = lm.config.layer_types[:layers]
+    traced = n if layers is None else _keep_first_layers(lm, layers, f"stage {stage}'s")
     lm.to_empty(device="cpu")
     mb, hidden = batch // microbatches, lm.config.hidden_size
     hid = torch.empty(mb, seq_len, hidden, dtype=torch_dtype)

@@ -29,15 +29,20 @@ Used by Chapter 5 (the co-design loop).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
 
 from cohw_utils.core.errors import CohwError
+from cohw_utils.core.opclasses import COMMUNICATION
 from cohw_utils.hardware import Hardware, get_hardware
 from cohw_utils.hardware.interconnects import get_interconnect
+from cohw_utils.spine.analyze import Analysis, analyze
 from cohw_utils.spine.shard import per_rank_table
+from cohw_utils.studies.codesign.phases import prepare
+from cohw_utils.studies.codesign.sweep import evaluate_designs
 from cohw_utils.views.kvcache import kv_bytes_per_token, weight_bytes
 from cohw_utils.views.memory_budget import fits
 from cohw_utils.views.parallel import comm_table, kv_bytes_per_rank, rank_seconds
@@ -82,19 +87,13 @@ def tp_options(workload: str, hw: Hardware | str, links: Sequence[str], tps: Seq
     return pd.DataFrame(rows)
 
 
-def _rank_phase(workload: str, phase: str, tp: int, batch: int, context: int, dtype: str) -> tuple[Any, pd.DataFrame]:
+def _rank_phase(whole: Analysis, tp: int) -> tuple[Any, pd.DataFrame]:
     """``(PreparedPhase of one rank's compute rows, the rank's full table)`` for a ``tp``-way split:
-    the one-chip :class:`~cohw_utils.spine.analyze.Analysis` with its table replaced by the rank's
-    compute rows and its weights and KV cache per token divided by ``tp`` (every weight and KV
-    head split evenly: the replicated norms, a few kB, are not counted twice)."""
-    import dataclasses
-
-    from cohw_utils.core.opclasses import COMMUNICATION
-    from cohw_utils.spine.analyze import analyze
-    from cohw_utils.studies.codesign.phases import prepare
-
-    whole = analyze(workload, phase, batch=batch, seq_len=context, dtype=dtype)
-    rank = per_rank_table(workload, phase, tp=tp, batch=batch, seq_len=context, dtype=dtype)
+    the one-chip ``whole`` analysis with its table replaced by the rank's compute rows and its
+    weights and KV cache per token divided by ``tp`` (every weight and KV head split evenly: the
+    replicated norms, a few kB, are not counted twice)."""
+    workload, phase, batch, context = whole.workload, whole.phase, whole.batch, whole.seq_len
+    rank = per_rank_table(workload, phase, tp=tp, batch=batch, seq_len=context, dtype=whole.dtype)
     compute = rank[rank["op_class"] != COMMUNICATION].drop(columns=["group_size", "comm_bytes"]).reset_index(drop=True)
     compute.attrs = {k: v for k, v in rank.attrs.items() if k != "collectives"}
     kv = whole.kv_bytes_per_token
@@ -114,8 +113,6 @@ def evaluate_systems(designs: Sequence[Any], workload: str, phase: str = "decode
     context / time_s`` for a prefill), ``tokens_per_s_per_device``, ``system_mm2`` and
     ``tokens_per_s_per_mm2``. ``evaluate_kw`` goes to ``evaluate_designs`` (table, quantize,
     spill, efficiency, power, ...)."""
-    from cohw_utils.studies.codesign.sweep import evaluate_designs
-
     if not designs:
         raise CohwError("evaluate_systems needs at least one design")
     if phase not in ("prefill", "decode"):
@@ -123,9 +120,10 @@ def evaluate_systems(designs: Sequence[Any], workload: str, phase: str = "decode
     if any(t > 1 for t in tps) and not links:
         raise CohwError("evaluate_systems: tp > 1 needs at least one link (see cohw_utils.hardware.load_interconnects())")
     tokens = batch * (context if phase == "prefill" else 1)
+    whole = analyze(workload, phase, batch=batch, seq_len=context, dtype=dtype)
     frames = []
     for tp in tps:
-        prepared, rank = _rank_phase(workload, phase, tp, batch, context, dtype)
+        prepared, rank = _rank_phase(whole, tp)
         per_design = evaluate_designs(list(designs), prepared, **evaluate_kw)
         for link in (links if tp > 1 else ["-"]):
             comm_s = float(comm_table(rank, get_interconnect(link))["seconds"].sum()) if tp > 1 else 0.0
